@@ -1,0 +1,410 @@
+//! Raw `networking.istio.io` objects, field for field as in Istio's API reference.
+//!
+//! These structs only describe what a user may write; they hold no resolved references and no defaults
+//! beyond "absent". Fields Istio has but Sluice does not implement yet are typed [`NotSupported`], so
+//! writing them fails loudly at the exact line instead of being silently ignored.
+
+use std::collections::BTreeMap;
+
+use serde::de::{Deserializer, Error as _, IgnoredAny};
+use serde::Deserialize;
+
+/// A field that exists in Istio's API but that Sluice does not implement yet. Deserializing one is an
+/// error that names the field's path and position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NotSupported;
+
+pub const NOT_SUPPORTED: &str = "is not supported yet";
+
+impl<'de> Deserialize<'de> for NotSupported {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(deserializer)?;
+        Err(D::Error::custom(NOT_SUPPORTED))
+    }
+}
+
+/// A field Istio has that means nothing for a standalone gateway (for example `exportTo`). It is
+/// accepted so that configs written for Istio load unchanged; the README lists each one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NoEffect;
+
+impl<'de> Deserialize<'de> for NoEffect {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(deserializer)?;
+        Ok(NoEffect)
+    }
+}
+
+pub type Labels = BTreeMap<String, String>;
+
+// ---------------------------------------------------------------- Gateway
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Which gateway pods a Gateway applies to in Kubernetes. Sluice serves every Gateway it loads.
+    #[serde(default)]
+    pub selector: Option<NoEffect>,
+    #[serde(default)]
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Server {
+    pub port: Port,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub tls: Option<ServerTlsSettings>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub bind: Option<NotSupported>,
+    #[serde(default)]
+    pub default_endpoint: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Port {
+    pub number: i64,
+    pub protocol: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServerTlsSettings {
+    #[serde(default)]
+    pub https_redirect: bool,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub server_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Option<NotSupported>,
+    #[serde(default)]
+    pub verify_certificate_spki: Option<NotSupported>,
+    #[serde(default)]
+    pub verify_certificate_hash: Option<NotSupported>,
+    #[serde(default)]
+    pub min_protocol_version: Option<String>,
+    #[serde(default)]
+    pub max_protocol_version: Option<String>,
+    #[serde(default)]
+    pub cipher_suites: Option<Vec<String>>,
+    #[serde(default)]
+    pub ca_crl: Option<NotSupported>,
+    #[serde(default)]
+    pub credential_names: Option<NotSupported>,
+    #[serde(default)]
+    pub tls_certificates: Option<NotSupported>,
+}
+
+// ---------------------------------------------------------------- VirtualService
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    #[serde(default)]
+    pub tls: Option<NotSupported>,
+    #[serde(default)]
+    pub tcp: Option<NotSupported>,
+    #[serde(default)]
+    pub export_to: Option<NoEffect>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+    #[serde(default)]
+    pub redirect: Option<HttpRedirect>,
+    #[serde(default)]
+    pub direct_response: Option<HttpDirectResponse>,
+    #[serde(default)]
+    pub rewrite: Option<HttpRewrite>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
+    #[serde(default)]
+    pub delegate: Option<NotSupported>,
+    #[serde(default)]
+    pub timeout: Option<NotSupported>,
+    #[serde(default)]
+    pub retries: Option<NotSupported>,
+    #[serde(default)]
+    pub fault: Option<NotSupported>,
+    #[serde(default)]
+    pub mirror: Option<NotSupported>,
+    #[serde(default)]
+    pub mirrors: Option<NotSupported>,
+    #[serde(default)]
+    pub mirror_percentage: Option<NotSupported>,
+    #[serde(default)]
+    pub mirror_percent: Option<NotSupported>,
+    #[serde(default)]
+    pub cors_policy: Option<NotSupported>,
+}
+
+/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`. An empty one (`{}`) means "present".
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StringMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    #[serde(default)]
+    pub scheme: Option<StringMatch>,
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    #[serde(default)]
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub gateways: Option<Vec<String>>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub source_labels: Option<NotSupported>,
+    #[serde(default)]
+    pub source_namespace: Option<NotSupported>,
+    #[serde(default)]
+    pub stat_prefix: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<i64>,
+    #[serde(default)]
+    pub headers: Option<Headers>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSelector {
+    pub number: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Headers {
+    #[serde(default)]
+    pub request: Option<HeaderOperations>,
+    #[serde(default)]
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRedirect {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub redirect_code: Option<i64>,
+    #[serde(default)]
+    pub derive_port: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpDirectResponse {
+    pub status: i64,
+    #[serde(default)]
+    pub body: Option<HttpBody>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpBody {
+    #[serde(default)]
+    pub string: Option<String>,
+    #[serde(default)]
+    pub bytes: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRewrite {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+// ---------------------------------------------------------------- DestinationRule
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    #[serde(default)]
+    pub traffic_policy: Option<NotSupported>,
+    #[serde(default)]
+    pub export_to: Option<NoEffect>,
+    #[serde(default)]
+    pub workload_selector: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub traffic_policy: Option<NotSupported>,
+}
+
+// ---------------------------------------------------------------- ServiceEntry
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub location: Option<Location>,
+    #[serde(default)]
+    pub resolution: Option<Resolution>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+    #[serde(default)]
+    pub addresses: Option<NotSupported>,
+    #[serde(default)]
+    pub workload_selector: Option<NotSupported>,
+    #[serde(default)]
+    pub export_to: Option<NoEffect>,
+    #[serde(default)]
+    pub subject_alt_names: Option<NotSupported>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: i64,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Location {
+    MeshExternal,
+    MeshInternal,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub network: Option<NotSupported>,
+    #[serde(default)]
+    pub locality: Option<NotSupported>,
+    #[serde(default)]
+    pub weight: Option<NotSupported>,
+    #[serde(default)]
+    pub service_account: Option<NoEffect>,
+}

@@ -1,0 +1,383 @@
+//! Loading config files into typed documents.
+//!
+//! First stage of the data flow: YAML text → [`ConfigSet`] (raw, typed documents that remember their
+//! [`Origin`]). Every document is parsed twice by serde_yaml: once for its `apiVersion`/`kind`
+//! header, once into the struct for that kind, so that type errors carry serde_yaml's exact position
+//! and field path. Nothing here resolves references; that is [`crate::validate`]'s job.
+
+pub mod istio;
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::source::{Origin, Position, SourceFile};
+
+pub use settings::GatewaySettingsSpec;
+
+/// Files larger than this are refused before parsing: a gateway config is kilobytes, and a huge file
+/// is far more likely a mistake (or an attack) than a config. Large installations split into files.
+pub const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
+
+pub const ISTIO_API_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+pub const SLUICE_API_VERSION: &str = "sluice.dev/v1alpha1";
+
+/// Kubernetes object metadata. `name`/`namespace`/`labels`/`annotations` are used; the bookkeeping
+/// fields `kubectl get -o yaml` adds are accepted so exported objects load unchanged.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub uid: Option<istio::NoEffect>,
+    #[serde(default)]
+    pub resource_version: Option<istio::NoEffect>,
+    #[serde(default)]
+    pub generation: Option<istio::NoEffect>,
+    #[serde(default)]
+    pub creation_timestamp: Option<istio::NoEffect>,
+    #[serde(default)]
+    pub managed_fields: Option<istio::NoEffect>,
+}
+
+impl ObjectMeta {
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// One typed document with its metadata and where it came from.
+#[derive(Debug, Clone)]
+pub struct Document<T> {
+    pub metadata: ObjectMeta,
+    pub spec: T,
+    pub origin: Origin,
+}
+
+impl<T> Document<T> {
+    /// `namespace/name`, the identity Istio uses for references.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.metadata.namespace(), self.metadata.name)
+    }
+}
+
+/// Everything loaded from a set of config paths, grouped by kind, in file order.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSet {
+    pub settings: Vec<Document<GatewaySettingsSpec>>,
+    pub gateways: Vec<Document<istio::GatewaySpec>>,
+    pub virtual_services: Vec<Document<istio::VirtualServiceSpec>>,
+    pub destination_rules: Vec<Document<istio::DestinationRuleSpec>>,
+    pub service_entries: Vec<Document<istio::ServiceEntrySpec>>,
+    pub files: Vec<PathBuf>,
+}
+
+/// The typed shape of a whole document of one kind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Object<T> {
+    #[serde(rename = "apiVersion")]
+    _api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default = "Option::default")]
+    spec: Option<T>,
+    /// Written by Kubernetes, never by hand; carries no configuration.
+    #[serde(default, rename = "status")]
+    _status: Option<istio::NoEffect>,
+}
+
+/// Just enough of a document to know how to parse the rest.
+#[derive(Deserialize)]
+struct Header {
+    #[serde(default, rename = "apiVersion")]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+impl ConfigSet {
+    /// Loads every `*.yaml`/`*.yml` file named by `paths` (files, or directories read one level deep in
+    /// name order; hidden entries such as a ConfigMap's `..data` are skipped).
+    pub fn load_paths(paths: &[PathBuf]) -> (ConfigSet, Diagnostics) {
+        let mut set = ConfigSet::default();
+        let mut diagnostics = Diagnostics::default();
+        for file in expand_paths(paths, &mut diagnostics) {
+            match read_limited(&file) {
+                Ok(text) => set.add_text(SourceFile::new(file, text), &mut diagnostics),
+                Err(message) => diagnostics.push(Diagnostic::error(
+                    &file,
+                    Position { line: 1, column: 1 },
+                    message,
+                )),
+            }
+        }
+        (set, diagnostics)
+    }
+
+    /// Loads config from text that did not come from disk (the built-in demo, tests).
+    pub fn load_str(name: &str, text: &str) -> (ConfigSet, Diagnostics) {
+        let mut set = ConfigSet::default();
+        let mut diagnostics = Diagnostics::default();
+        if text.len() > MAX_FILE_BYTES {
+            diagnostics.push(too_large(name, text.len()));
+        } else {
+            set.add_text(SourceFile::new(name, text.to_string()), &mut diagnostics);
+        }
+        (set, diagnostics)
+    }
+
+    fn add_text(&mut self, file: Arc<SourceFile>, diagnostics: &mut Diagnostics) {
+        self.files.push(file.path().to_path_buf());
+        let headers: Vec<Result<Header, serde_yaml::Error>> =
+            serde_yaml::Deserializer::from_str(file.text())
+                .map(Header::deserialize)
+                .collect();
+        let mut real_documents = 0;
+        for (document, header) in headers.into_iter().enumerate() {
+            let origin = Origin {
+                file: file.clone(),
+                document,
+            };
+            let header = match header {
+                Ok(header) => header,
+                Err(error) => {
+                    diagnostics.push(yaml_error(&origin, &error));
+                    // After a syntax error libyaml cannot find the next document reliably.
+                    return;
+                }
+            };
+            if header.api_version.is_none() && header.kind.is_none() {
+                // An empty document (a trailing `---`, a file of comments) holds nothing.
+                if document_is_empty(&file, document) {
+                    continue;
+                }
+            }
+            real_documents += 1;
+            self.add_document(&file, origin, header, diagnostics);
+        }
+        if real_documents == 0 {
+            diagnostics.push(Diagnostic::error(
+                file.path(),
+                Position { line: 1, column: 1 },
+                "file holds no documents: expected at least one object with `apiVersion` and `kind`",
+            ));
+        }
+    }
+
+    fn add_document(
+        &mut self,
+        file: &Arc<SourceFile>,
+        origin: Origin,
+        header: Header,
+        diagnostics: &mut Diagnostics,
+    ) {
+        let Some(kind) = header.kind.as_deref() else {
+            diagnostics.error(&origin, "", "document has no `kind`");
+            return;
+        };
+        let Some(api_version) = header.api_version.as_deref() else {
+            diagnostics.error(&origin, "kind", "document has no `apiVersion`");
+            return;
+        };
+        let expected: &[&str] = if kind == settings::KIND {
+            &[SLUICE_API_VERSION]
+        } else {
+            &ISTIO_API_VERSIONS
+        };
+        let known_kind = matches!(
+            kind,
+            "Gateway" | "VirtualService" | "DestinationRule" | "ServiceEntry" | settings::KIND
+        );
+        if !known_kind {
+            diagnostics.error(
+                &origin,
+                "kind",
+                format!(
+                    "unknown kind `{kind}`: expected Gateway, VirtualService, DestinationRule, \
+                     ServiceEntry or {}",
+                    settings::KIND
+                ),
+            );
+            return;
+        }
+        if !expected.contains(&api_version) {
+            diagnostics.error(
+                &origin,
+                "apiVersion",
+                format!(
+                    "apiVersion `{api_version}` is not known for kind {kind}: expected {}",
+                    expected.join(" or ")
+                ),
+            );
+            return;
+        }
+        match kind {
+            "Gateway" => push_typed(&mut self.gateways, file, origin, diagnostics),
+            "VirtualService" => push_typed(&mut self.virtual_services, file, origin, diagnostics),
+            "DestinationRule" => push_typed(&mut self.destination_rules, file, origin, diagnostics),
+            "ServiceEntry" => push_typed(&mut self.service_entries, file, origin, diagnostics),
+            _ => push_typed(&mut self.settings, file, origin, diagnostics),
+        }
+    }
+}
+
+fn push_typed<T: DeserializeOwned + Default>(
+    into: &mut Vec<Document<T>>,
+    file: &SourceFile,
+    origin: Origin,
+    diagnostics: &mut Diagnostics,
+) {
+    let Some(document) = serde_yaml::Deserializer::from_str(file.text()).nth(origin.document)
+    else {
+        return;
+    };
+    match Object::<T>::deserialize(document) {
+        Ok(object) => {
+            if object.metadata.name.is_empty() {
+                diagnostics.error(&origin, "metadata", "`metadata.name` is required");
+            }
+            into.push(Document {
+                metadata: object.metadata,
+                spec: object.spec.unwrap_or_default(),
+                origin,
+            });
+        }
+        Err(error) => diagnostics.push(yaml_error(&origin, &error)),
+    }
+}
+
+fn document_is_empty(file: &SourceFile, document: usize) -> bool {
+    serde_yaml::Deserializer::from_str(file.text())
+        .nth(document)
+        .map(|d| {
+            matches!(
+                serde_yaml::Value::deserialize(d),
+                Ok(serde_yaml::Value::Null)
+            )
+        })
+        .unwrap_or(true)
+}
+
+/// serde_yaml renders errors as `path: message at line L column C`; Sluice prints the position in
+/// front (`file:line:col:`) and names the path as a field.
+fn yaml_error(origin: &Origin, error: &serde_yaml::Error) -> Diagnostic {
+    let position = error
+        .location()
+        .map(|l| Position {
+            line: l.line(),
+            column: l.column(),
+        })
+        .unwrap_or_else(|| origin.position_of(""));
+    let mut text = error.to_string();
+    if let Some(cut) = text.rfind(" at line ") {
+        text.truncate(cut);
+    }
+    let message = match text.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => {
+            if rest.starts_with("is ") {
+                format!("`{path}` {rest}")
+            } else {
+                format!("`{path}`: {rest}")
+            }
+        }
+        _ => text,
+    };
+    Diagnostic::error(origin.file_name(), position, message)
+}
+
+fn too_large(name: impl Into<PathBuf>, size: usize) -> Diagnostic {
+    Diagnostic::error(
+        name,
+        Position { line: 1, column: 1 },
+        format!(
+            "file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for one config file; \
+             split it into several files in a config directory"
+        ),
+    )
+}
+
+fn read_limited(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read file: {e}"))?;
+    let mut bytes = Vec::new();
+    // Read one byte past the limit to know the file is too large without reading all of it.
+    file.take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    if bytes.len() > MAX_FILE_BYTES {
+        let size = std::fs::metadata(path)
+            .map(|m| m.len() as usize)
+            .unwrap_or(bytes.len());
+        return Err(too_large(path, size).message);
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "file is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn is_config_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    )
+}
+
+fn expand_paths(paths: &[PathBuf], diagnostics: &mut Diagnostics) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            match std::fs::read_dir(path) {
+                Ok(entries) => {
+                    let mut found: Vec<PathBuf> = entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| {
+                            let hidden = p
+                                .file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.starts_with('.'));
+                            !hidden && p.is_file() && is_config_file(p)
+                        })
+                        .collect();
+                    found.sort();
+                    files.extend(found);
+                }
+                Err(e) => diagnostics.push(Diagnostic::error(
+                    path,
+                    Position { line: 1, column: 1 },
+                    format!("cannot read config directory: {e}"),
+                )),
+            }
+        } else if path.exists() {
+            files.push(path.clone());
+        } else {
+            diagnostics.push(Diagnostic::error(
+                path,
+                Position { line: 1, column: 1 },
+                "config path does not exist",
+            ));
+        }
+    }
+    files
+}

@@ -1,0 +1,402 @@
+//! The validated model: what a config means once every rule has passed.
+//!
+//! Second of the three config types (raw [`crate::config`] → model → [`crate::snapshot`]). Values here
+//! are already normalised (lower-case hosts, expanded short names, compiled regexes, resolved
+//! references), so compiling a snapshot and matching requests never re-check or re-parse anything.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use regex::Regex;
+
+/// A host pattern as Istio writes it: `example.com`, `*.example.com` or `*`. Stored lower-case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostPattern {
+    Exact(String),
+    /// `*.example.com`, stored as the suffix after `*.` (`example.com`).
+    Wildcard(String),
+    Any,
+}
+
+impl HostPattern {
+    pub fn parse(host: &str) -> Result<Self, String> {
+        let host = host.to_ascii_lowercase();
+        if host == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Some(suffix) = host.strip_prefix("*.") {
+            check_dns_name(suffix)?;
+            return Ok(HostPattern::Wildcard(suffix.to_string()));
+        }
+        if host.contains('*') {
+            return Err(format!(
+                "`{host}`: a wildcard must be the whole first label (`*.example.com`) or `*`"
+            ));
+        }
+        check_dns_name(&host)?;
+        Ok(HostPattern::Exact(host))
+    }
+
+    /// Whether a concrete (lower-case) host name is served by this pattern.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Exact(name) => name == host,
+            HostPattern::Wildcard(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+
+    /// The hosts both patterns serve, as one pattern (the more specific one), as Istio intersects a
+    /// VirtualService's hosts with a Gateway server's hosts.
+    pub fn intersect(&self, other: &HostPattern) -> Option<HostPattern> {
+        if self.covers(other) {
+            Some(other.clone())
+        } else if other.covers(self) {
+            Some(self.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Whether every host `other` serves is also served by `self`.
+    fn covers(&self, other: &HostPattern) -> bool {
+        match (self, other) {
+            (HostPattern::Any, _) => true,
+            (_, HostPattern::Any) => false,
+            (_, HostPattern::Exact(name)) => self.matches(name),
+            (HostPattern::Exact(_), HostPattern::Wildcard(_)) => false,
+            (HostPattern::Wildcard(mine), HostPattern::Wildcard(theirs)) => {
+                mine == theirs || HostPattern::Wildcard(mine.clone()).matches(theirs)
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Wildcard(suffix) => write!(f, "*.{suffix}"),
+            HostPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
+/// RFC 1123 host name check: letters, digits and hyphens in labels of 1–63, at most 253 in all.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("host name is empty".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("host name `{name}` is longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return Err(format!(
+                "`{name}` is not a valid host name (label `{label}`): use letters, digits and \
+                 hyphens, 1-63 characters per label"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Istio's short-name rule: a name without a dot is relative to the namespace of the object that
+/// wrote it (`reviews` in `default` → `reviews.default.svc.cluster.local`). Names with a dot, `*`
+/// and IP addresses are taken as written.
+pub fn expand_short_name(host: &str, namespace: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    if host == "*" || host.contains('.') || host.parse::<IpAddr>().is_ok() {
+        host
+    } else {
+        format!("{host}.{namespace}.svc.cluster.local")
+    }
+}
+
+/// A compiled Istio `StringMatch`.
+#[derive(Debug, Clone)]
+pub enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    /// Anchored at both ends: Istio's (Envoy's) regex matches the whole value.
+    Regex(Regex),
+    /// `{}`: the header or query parameter is present, whatever its value.
+    Present,
+}
+
+impl StrMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StrMatch::Exact(expected) => value == expected,
+            StrMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
+            StrMatch::Regex(regex) => regex.is_match(value),
+            StrMatch::Present => true,
+        }
+    }
+
+    /// Case-insensitive for exact and prefix (Istio's `ignoreUriCase`); regexes keep their case.
+    pub fn matches_ignore_case(&self, value: &str) -> bool {
+        match self {
+            StrMatch::Exact(expected) => value.eq_ignore_ascii_case(expected),
+            StrMatch::Prefix(prefix) => value
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+            other => other.matches(value),
+        }
+    }
+}
+
+/// One compiled `HTTPMatchRequest`: every condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    pub name: Option<String>,
+    pub uri: Option<StrMatch>,
+    pub ignore_uri_case: bool,
+    pub scheme: Option<StrMatch>,
+    pub method: Option<StrMatch>,
+    pub authority: Option<StrMatch>,
+    pub headers: Vec<(HeaderName, StrMatch)>,
+    pub without_headers: Vec<(HeaderName, StrMatch)>,
+    pub query_params: Vec<(String, StrMatch)>,
+    pub port: Option<u16>,
+    /// `match.gateways`, resolved to `namespace/name` (or `mesh`).
+    pub gateways: Option<Vec<String>>,
+}
+
+/// Istio's `Headers` operations for one direction.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderRules {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirectResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum UriRewrite {
+    /// Envoy's `prefix_rewrite`: the matched prefix (or the whole path for exact/regex matches) is
+    /// replaced.
+    Prefix(String),
+    /// `uriRegexRewrite`, with the replacement already in `regex` crate syntax (`${1}`).
+    Regex { pattern: Regex, replacement: String },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    pub uri: Option<UriRewrite>,
+    pub authority: Option<String>,
+}
+
+/// Where one weighted share of a route's traffic goes.
+#[derive(Debug, Clone)]
+pub struct RouteDestination {
+    pub service: ServiceKey,
+    pub weight: u32,
+    pub headers: HeaderRules,
+}
+
+/// Identifies an upstream cluster: an FQDN, a service port and an optional subset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)?;
+        if let Some(subset) = &self.subset {
+            write!(f, " (subset {subset})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Forward(Vec<RouteDestination>),
+    Redirect(Redirect),
+    Respond(DirectResponse),
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    /// `namespace/name http[i]` (and the route's `name` if it has one): for logs and warnings.
+    pub label: String,
+    pub matches: Vec<RouteMatch>,
+    pub action: Action,
+    pub rewrite: Rewrite,
+    pub headers: HeaderRules,
+}
+
+/// What a VirtualService is attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// `namespace/name` of a Gateway.
+    Gateway(String),
+    Mesh,
+}
+
+#[derive(Debug, Clone)]
+pub struct VirtualService {
+    pub id: String,
+    pub namespace: String,
+    pub hosts: Vec<HostPattern>,
+    pub bindings: Vec<Binding>,
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerProtocol {
+    Http,
+    Http2,
+    Grpc,
+}
+
+/// Which VirtualService namespaces may attach to a server host (`ns/host`, `./host`, `*/host`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceFilter {
+    Any,
+    Only(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerHost {
+    pub namespaces: NamespaceFilter,
+    pub host: HostPattern,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub port: u16,
+    pub protocol: ServerProtocol,
+    pub hosts: Vec<ServerHost>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub id: String,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EndpointAddress {
+    Ip(IpAddr),
+    /// Resolved by DNS off the request path and refreshed periodically.
+    Dns(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub address: EndpointAddress,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.address {
+            EndpointAddress::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
+            EndpointAddress::Dns(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+/// A service known from a ServiceEntry: its ports and its labelled endpoints.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub host: String,
+    pub ports: Vec<ServicePortModel>,
+    pub endpoints: Vec<WorkloadEndpoint>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServicePortModel {
+    pub number: u16,
+    pub name: Option<String>,
+    pub target_port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadEndpoint {
+    pub address: EndpointAddress,
+    /// Port name → endpoint port (`endpoints[].ports`).
+    pub ports: BTreeMap<String, u16>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind_address: IpAddr,
+    pub admin_address: SocketAddr,
+    pub certs_dir: std::path::PathBuf,
+    pub mesh_port: Option<u16>,
+    pub dns_refresh: Duration,
+    pub threads: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            bind_address: IpAddr::from([0, 0, 0, 0]),
+            admin_address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            certs_dir: "certs".into(),
+            mesh_port: None,
+            dns_refresh: Duration::from_secs(5),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// A whole validated config.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub settings: Settings,
+    pub gateways: Vec<Gateway>,
+    pub virtual_services: Vec<VirtualService>,
+    /// By FQDN.
+    pub services: BTreeMap<String, Service>,
+    /// (FQDN, subset name) → labels the subset selects.
+    pub subsets: BTreeMap<(String, String), BTreeMap<String, String>>,
+    pub files: Vec<std::path::PathBuf>,
+}

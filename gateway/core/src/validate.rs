@@ -1,0 +1,1448 @@
+//! Validation: raw documents → [`Model`], or every reason why not.
+//!
+//! Each rule reports at the YAML path it is about, so an operator gets `file:line:col` for every
+//! mistake in one run. A config with any error yields no model at all: nothing is half-applied.
+//! Warnings (Istio accepts the config but it probably does not do what was meant) never block.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use regex::{Regex, RegexBuilder};
+
+use crate::config::istio::{self, StringMatch};
+use crate::config::{ConfigSet, Document};
+use crate::diag::Diagnostics;
+use crate::model::*;
+use crate::source::Origin;
+
+/// Compiled regexes may not exceed this many bytes: a pathological pattern is rejected at load time
+/// instead of eating memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Validates a loaded config. Returns the model only when there is no error; `diagnostics` gets every
+/// error and warning found.
+pub fn validate(set: &ConfigSet, diagnostics: &mut Diagnostics) -> Option<Model> {
+    let mut v = Validator {
+        set,
+        diags: Diagnostics::default(),
+    };
+    let model = v.run();
+    let failed = v.diags.has_errors();
+    diagnostics.extend(v.diags);
+    (!failed).then_some(model)
+}
+
+struct Validator<'a> {
+    set: &'a ConfigSet,
+    diags: Diagnostics,
+}
+
+/// Where a value sits: the document and the YAML path inside it.
+struct At<'a> {
+    origin: &'a Origin,
+    path: String,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, at: At<'_>, message: impl Into<String>) {
+        self.diags.error(at.origin, &at.path, message);
+    }
+
+    fn warning(&mut self, at: At<'_>, message: impl Into<String>) {
+        self.diags.warning(at.origin, &at.path, message);
+    }
+
+    fn run(&mut self) -> Model {
+        let settings = self.settings();
+        self.duplicates();
+        let gateways = self.gateways();
+        let services = self.service_entries();
+        let subsets = self.destination_rules();
+        let gateway_ids: BTreeSet<String> = gateways.iter().map(|g| g.id.clone()).collect();
+        let virtual_services = self
+            .set
+            .virtual_services
+            .iter()
+            .map(|vs| self.virtual_service(vs, &gateway_ids, &services, &subsets))
+            .collect();
+        let model = Model {
+            settings,
+            gateways,
+            virtual_services,
+            services,
+            subsets,
+            files: self.set.files.clone(),
+        };
+        self.binding_warnings(&model);
+        model
+    }
+
+    // ------------------------------------------------------------ GatewaySettings
+
+    fn settings(&mut self) -> Settings {
+        let mut settings = Settings::default();
+        let docs = &self.set.settings;
+        for extra in docs.iter().skip(1) {
+            let first = &docs[0].origin;
+            self.error(
+                At {
+                    origin: &extra.origin,
+                    path: "kind".into(),
+                },
+                format!("only one GatewaySettings document is allowed; the first is at {first}"),
+            );
+        }
+        let Some(doc) = docs.first() else {
+            return settings;
+        };
+        let spec = &doc.spec;
+        let at = |path: &str| At {
+            origin: &doc.origin,
+            path: path.into(),
+        };
+        if let Some(addr) = &spec.bind_address {
+            match addr.parse::<IpAddr>() {
+                Ok(ip) => settings.bind_address = ip,
+                Err(_) => self.error(
+                    at("spec.bindAddress"),
+                    format!("`{addr}` is not an IP address (example: 0.0.0.0 or 127.0.0.1)"),
+                ),
+            }
+        }
+        if let Some(address) = spec.admin.as_ref().and_then(|a| a.address.as_ref()) {
+            match address.parse::<SocketAddr>() {
+                Ok(a) => settings.admin_address = a,
+                Err(_) => self.error(
+                    at("spec.admin.address"),
+                    format!("`{address}` is not an IP:port address (example: 127.0.0.1:9901)"),
+                ),
+            }
+        }
+        if let Some(dir) = &spec.certs_dir {
+            settings.certs_dir = dir.into();
+        }
+        if let Some(mesh) = &spec.mesh_listener {
+            settings.mesh_port = self.port(mesh.port, at("spec.meshListener.port"));
+        }
+        if let Some(rate) = &spec.dns_refresh_rate {
+            match parse_duration(rate) {
+                Some(d) if d >= Duration::from_millis(100) => settings.dns_refresh = d,
+                _ => self.error(
+                    at("spec.dnsRefreshRate"),
+                    format!("`{rate}` is not a duration of at least 100ms (examples: 5s, 1m)"),
+                ),
+            }
+        }
+        if let Some(threads) = spec.threads {
+            match usize::try_from(threads) {
+                Ok(n @ 1..=256) => settings.threads = n,
+                _ => self.error(at("spec.threads"), "threads must be between 1 and 256"),
+            }
+        }
+        settings
+    }
+
+    fn port(&mut self, number: i64, at: At<'_>) -> Option<u16> {
+        match u16::try_from(number) {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                self.error(at, format!("port {number} is out of range 1-65535"));
+                None
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ duplicates
+
+    fn duplicates(&mut self) {
+        fn check<T>(v: &mut Validator<'_>, kind: &str, docs: &[Document<T>]) {
+            let mut seen: HashMap<String, &Origin> = HashMap::new();
+            for doc in docs {
+                if doc.metadata.name.is_empty() {
+                    continue;
+                }
+                if let Some(first) = seen.get(&doc.id()) {
+                    let message = format!(
+                        "duplicate {kind} `{}`: already defined at {first}",
+                        doc.id()
+                    );
+                    v.error(
+                        At {
+                            origin: &doc.origin,
+                            path: "metadata.name".into(),
+                        },
+                        message,
+                    );
+                } else {
+                    seen.insert(doc.id(), &doc.origin);
+                }
+            }
+        }
+        let set = self.set;
+        check(self, "Gateway", &set.gateways);
+        check(self, "VirtualService", &set.virtual_services);
+        check(self, "DestinationRule", &set.destination_rules);
+        check(self, "ServiceEntry", &set.service_entries);
+    }
+
+    // ------------------------------------------------------------ Gateway
+
+    fn gateways(&mut self) -> Vec<Gateway> {
+        let set = self.set;
+        let mut protocols_by_port: HashMap<u16, (ServerProtocol, String)> = HashMap::new();
+        let mut out = Vec::new();
+        for doc in &set.gateways {
+            let mut servers = Vec::new();
+            if doc.spec.servers.is_empty() {
+                self.error(
+                    At {
+                        origin: &doc.origin,
+                        path: "spec".into(),
+                    },
+                    "a Gateway needs at least one entry in `spec.servers`",
+                );
+            }
+            for (i, server) in doc.spec.servers.iter().enumerate() {
+                let base = format!("spec.servers[{i}]");
+                if let Some(server) = self.server(doc, server, &base) {
+                    match protocols_by_port.get(&server.port) {
+                        Some((protocol, first)) if *protocol != server.protocol => {
+                            let message = format!(
+                                "port {} is already served with another protocol by {first}",
+                                server.port
+                            );
+                            self.error(
+                                At {
+                                    origin: &doc.origin,
+                                    path: format!("{base}.port.protocol"),
+                                },
+                                message,
+                            );
+                        }
+                        _ => {
+                            protocols_by_port.insert(server.port, (server.protocol, doc.id()));
+                        }
+                    }
+                    servers.push(server);
+                }
+            }
+            out.push(Gateway {
+                id: doc.id(),
+                servers,
+            });
+        }
+        out
+    }
+
+    fn server(
+        &mut self,
+        doc: &Document<istio::GatewaySpec>,
+        server: &istio::Server,
+        base: &str,
+    ) -> Option<Server> {
+        let origin = &doc.origin;
+        let port_path = format!("{base}.port.number");
+        let port = self.port(
+            server.port.number,
+            At {
+                origin,
+                path: port_path.clone(),
+            },
+        );
+        let protocol_path = format!("{base}.port.protocol");
+        let protocol = match server.port.protocol.to_ascii_uppercase().as_str() {
+            "HTTP" => Some(ServerProtocol::Http),
+            "HTTP2" => Some(ServerProtocol::Http2),
+            "GRPC" => Some(ServerProtocol::Grpc),
+            "HTTPS" | "TLS" | "TCP" | "GRPC-WEB" | "MONGO" => {
+                self.error(
+                    At {
+                        origin,
+                        path: protocol_path.clone(),
+                    },
+                    format!(
+                        "`{base}.port.protocol` {} is not supported yet (supported: HTTP, HTTP2, GRPC)",
+                        server.port.protocol
+                    ),
+                );
+                None
+            }
+            other => {
+                self.error(
+                    At {
+                        origin,
+                        path: protocol_path.clone(),
+                    },
+                    format!(
+                        "unknown protocol `{other}`: Istio's protocols are HTTP, HTTPS, HTTP2, GRPC, \
+                         GRPC-WEB, TCP, TLS, MONGO"
+                    ),
+                );
+                None
+            }
+        };
+        if server.tls.is_some() {
+            self.error(
+                At {
+                    origin,
+                    path: format!("{base}.tls"),
+                },
+                format!("`{base}.tls` is not supported yet"),
+            );
+        }
+        if server.hosts.is_empty() {
+            self.error(
+                At {
+                    origin,
+                    path: base.into(),
+                },
+                "a server needs at least one entry in `hosts` (use `*` for every host)",
+            );
+        }
+        let mut hosts = Vec::new();
+        for (j, raw) in server.hosts.iter().enumerate() {
+            let path = format!("{base}.hosts[{j}]");
+            let (namespaces, host) = match raw.split_once('/') {
+                Some(("*", host)) => (NamespaceFilter::Any, host),
+                Some((".", host)) => (
+                    NamespaceFilter::Only(doc.metadata.namespace().to_string()),
+                    host,
+                ),
+                Some((ns, host)) => (NamespaceFilter::Only(ns.to_string()), host),
+                None => (NamespaceFilter::Any, raw.as_str()),
+            };
+            match HostPattern::parse(host) {
+                Ok(host) => hosts.push(ServerHost { namespaces, host }),
+                Err(e) => self.error(
+                    At {
+                        origin,
+                        path: path.clone(),
+                    },
+                    e,
+                ),
+            }
+        }
+        Some(Server {
+            port: port?,
+            protocol: protocol?,
+            hosts,
+        })
+    }
+
+    // ------------------------------------------------------------ ServiceEntry
+
+    fn service_entries(&mut self) -> BTreeMap<String, Service> {
+        let set = self.set;
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        let mut defined_at: HashMap<String, &Origin> = HashMap::new();
+        for doc in &set.service_entries {
+            let origin = &doc.origin;
+            let spec = &doc.spec;
+            let at = |path: &str| At {
+                origin,
+                path: path.into(),
+            };
+            let resolution = spec.resolution.unwrap_or(istio::Resolution::None);
+            if resolution == istio::Resolution::None {
+                self.error(
+                    at("spec.resolution"),
+                    "`spec.resolution` must be STATIC or DNS: NONE (Istio's default) forwards to the \
+                     address the client dialed, which a gateway does not have",
+                );
+            }
+            if spec.hosts.is_empty() {
+                self.error(
+                    at("spec"),
+                    "a ServiceEntry needs at least one entry in `hosts`",
+                );
+            }
+            let mut ports = Vec::new();
+            if spec.ports.is_empty() {
+                self.error(
+                    at("spec"),
+                    "a ServiceEntry needs at least one entry in `ports`",
+                );
+            }
+            for (i, p) in spec.ports.iter().enumerate() {
+                let number = self.port(p.number, at(&format!("spec.ports[{i}].number")));
+                let target_port = p
+                    .target_port
+                    .and_then(|t| self.port(t, at(&format!("spec.ports[{i}].targetPort"))));
+                if let Some(number) = number {
+                    ports.push(ServicePortModel {
+                        number,
+                        name: p.name.clone(),
+                        target_port,
+                    });
+                }
+            }
+            let mut endpoints = Vec::new();
+            for (i, e) in spec.endpoints.iter().enumerate() {
+                let path = format!("spec.endpoints[{i}].address");
+                let Some(address) = e.address.as_deref() else {
+                    self.error(
+                        at(&format!("spec.endpoints[{i}]")),
+                        "endpoint needs an `address`",
+                    );
+                    continue;
+                };
+                let address = match (address.parse::<IpAddr>(), resolution) {
+                    (Ok(ip), _) => EndpointAddress::Ip(ip),
+                    (Err(_), istio::Resolution::Static) => {
+                        self.error(
+                            at(&path),
+                            format!(
+                                "`{address}` is not an IP address: resolution STATIC needs IP \
+                                 endpoints (use resolution: DNS for host names)"
+                            ),
+                        );
+                        continue;
+                    }
+                    (Err(_), _) => match check_dns_name(address) {
+                        Ok(()) => EndpointAddress::Dns(address.to_ascii_lowercase()),
+                        Err(e) => {
+                            self.error(at(&path), e);
+                            continue;
+                        }
+                    },
+                };
+                let mut endpoint_ports = BTreeMap::new();
+                for (name, number) in &e.ports {
+                    let port_path = format!("spec.endpoints[{i}].ports.{name}");
+                    if !ports.iter().any(|p| p.name.as_deref() == Some(name)) {
+                        self.error(
+                            at(&port_path),
+                            format!("no entry in `spec.ports` is named `{name}`"),
+                        );
+                    }
+                    if let Some(port) = self.port(*number, at(&port_path)) {
+                        endpoint_ports.insert(name.clone(), port);
+                    }
+                }
+                endpoints.push(WorkloadEndpoint {
+                    address,
+                    ports: endpoint_ports,
+                    labels: e.labels.clone(),
+                });
+            }
+            if spec.endpoints.is_empty() && resolution == istio::Resolution::Static {
+                self.error(
+                    at("spec"),
+                    "resolution STATIC needs `endpoints` (IP addresses of the service's instances)",
+                );
+            }
+            for (i, raw) in spec.hosts.iter().enumerate() {
+                let path = format!("spec.hosts[{i}]");
+                let host = raw.to_ascii_lowercase();
+                if let Err(e) = check_dns_name(&host) {
+                    let hint = if host.contains('*') {
+                        "wildcard hosts need resolution NONE, which a gateway cannot use"
+                            .to_string()
+                    } else {
+                        e
+                    };
+                    self.error(at(&path), hint);
+                    continue;
+                }
+                if let Some(first) = defined_at.get(&host) {
+                    let message =
+                        format!("host `{host}` is already defined by the ServiceEntry at {first}");
+                    self.error(at(&path), message);
+                    continue;
+                }
+                defined_at.insert(host.clone(), origin);
+                let endpoints = if endpoints.is_empty() {
+                    // DNS resolution without endpoints resolves the host itself.
+                    vec![WorkloadEndpoint {
+                        address: EndpointAddress::Dns(host.clone()),
+                        ports: BTreeMap::new(),
+                        labels: BTreeMap::new(),
+                    }]
+                } else {
+                    endpoints.clone()
+                };
+                services.insert(
+                    host.clone(),
+                    Service {
+                        host,
+                        ports: ports.clone(),
+                        endpoints,
+                    },
+                );
+            }
+        }
+        services
+    }
+
+    // ------------------------------------------------------------ DestinationRule
+
+    fn destination_rules(&mut self) -> BTreeMap<(String, String), BTreeMap<String, String>> {
+        let set = self.set;
+        let mut subsets = BTreeMap::new();
+        let mut rule_for_host: HashMap<String, &Origin> = HashMap::new();
+        for doc in &set.destination_rules {
+            let origin = &doc.origin;
+            let at = |path: &str| At {
+                origin,
+                path: path.into(),
+            };
+            let host = expand_short_name(&doc.spec.host, doc.metadata.namespace());
+            if let Err(e) = check_dns_name(&host) {
+                self.error(at("spec.host"), e);
+                continue;
+            }
+            if let Some(first) = rule_for_host.get(&host) {
+                let message = format!("host `{host}` already has a DestinationRule, at {first}");
+                self.error(at("spec.host"), message);
+                continue;
+            }
+            rule_for_host.insert(host.clone(), origin);
+            for (i, subset) in doc.spec.subsets.iter().enumerate() {
+                let path = format!("spec.subsets[{i}].name");
+                if subset.name.is_empty() {
+                    self.error(at(&path), "subset needs a `name`");
+                    continue;
+                }
+                let key = (host.clone(), subset.name.clone());
+                if subsets.contains_key(&key) {
+                    let message = format!("duplicate subset `{}`", subset.name);
+                    self.error(at(&path), message);
+                    continue;
+                }
+                subsets.insert(key, subset.labels.clone());
+            }
+        }
+        subsets
+    }
+
+    // ------------------------------------------------------------ VirtualService
+
+    fn virtual_service(
+        &mut self,
+        doc: &Document<istio::VirtualServiceSpec>,
+        gateway_ids: &BTreeSet<String>,
+        services: &BTreeMap<String, Service>,
+        subsets: &BTreeMap<(String, String), BTreeMap<String, String>>,
+    ) -> VirtualService {
+        let origin = &doc.origin;
+        let namespace = doc.metadata.namespace().to_string();
+        let at = |path: &str| At {
+            origin,
+            path: path.into(),
+        };
+        if doc.spec.hosts.is_empty() {
+            self.error(
+                at("spec"),
+                "a VirtualService needs at least one entry in `hosts`",
+            );
+        }
+        let mut hosts = Vec::new();
+        for (i, raw) in doc.spec.hosts.iter().enumerate() {
+            match HostPattern::parse(&expand_short_name(raw, &namespace)) {
+                Ok(h) => hosts.push(h),
+                Err(e) => self.error(at(&format!("spec.hosts[{i}]")), e),
+            }
+        }
+        let bindings = if doc.spec.gateways.is_empty() {
+            vec![Binding::Mesh]
+        } else {
+            let mut bindings = Vec::new();
+            for (i, name) in doc.spec.gateways.iter().enumerate() {
+                if let Some(b) = self.gateway_ref(
+                    name,
+                    &namespace,
+                    gateway_ids,
+                    at(&format!("spec.gateways[{i}]")),
+                ) {
+                    bindings.push(b);
+                }
+            }
+            bindings
+        };
+        let mut http = Vec::new();
+        let mut catch_all_at: Option<usize> = None;
+        for (i, route) in doc.spec.http.iter().enumerate() {
+            let base = format!("spec.http[{i}]");
+            if let Some(first) = catch_all_at {
+                self.warning(
+                    at(&base),
+                    format!(
+                        "`{base}` is unreachable: `spec.http[{first}]` before it matches every \
+                         request, and the first matching route wins"
+                    ),
+                );
+            }
+            let ctx = RouteCtx {
+                origin,
+                base: &base,
+                namespace: &namespace,
+                gateway_ids,
+                services,
+                subsets,
+            };
+            if let Some(compiled) = self.http_route(&ctx, route, &doc.id(), i) {
+                http.push(compiled);
+            }
+            if catch_all_at.is_none() && matches_everything(route) {
+                catch_all_at = Some(i);
+            }
+        }
+        VirtualService {
+            id: doc.id(),
+            namespace,
+            hosts,
+            bindings,
+            http,
+        }
+    }
+
+    fn gateway_ref(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        gateway_ids: &BTreeSet<String>,
+        at: At<'_>,
+    ) -> Option<Binding> {
+        if name == "mesh" {
+            return Some(Binding::Mesh);
+        }
+        let id = if name.contains('/') {
+            name.to_string()
+        } else {
+            format!("{namespace}/{name}")
+        };
+        if gateway_ids.contains(&id) {
+            return Some(Binding::Gateway(id));
+        }
+        let known: Vec<&str> = gateway_ids.iter().map(String::as_str).collect();
+        self.error(
+            at,
+            format!(
+                "gateway `{id}` is not defined (known: {}); a Gateway in another namespace is \
+                 referenced as `namespace/name`",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+        None
+    }
+
+    fn http_route(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        route: &istio::HttpRoute,
+        vs_id: &str,
+        index: usize,
+    ) -> Option<HttpRoute> {
+        let base = ctx.base;
+        let at = |path: &str| At {
+            origin: ctx.origin,
+            path: path.into(),
+        };
+        let actions = [
+            (!route.route.is_empty(), "route"),
+            (route.redirect.is_some(), "redirect"),
+            (route.direct_response.is_some(), "directResponse"),
+        ];
+        let chosen: Vec<&str> = actions.iter().filter(|a| a.0).map(|a| a.1).collect();
+        if chosen.len() != 1 {
+            let message = if chosen.is_empty() {
+                format!("`{base}` needs one of `route`, `redirect` or `directResponse`")
+            } else {
+                format!(
+                    "`{base}` has conflicting actions {}: use exactly one of `route`, `redirect`, \
+                     `directResponse`",
+                    chosen.join(" + ")
+                )
+            };
+            self.error(at(base), message);
+        }
+        if route.rewrite.is_some() && route.route.is_empty() {
+            self.error(
+                at(&format!("{base}.rewrite")),
+                "`rewrite` only applies to `route`; it cannot be combined with `redirect` or \
+                 `directResponse`",
+            );
+        }
+        let mut matches = Vec::new();
+        for (j, m) in route.matches.iter().enumerate() {
+            let path = format!("{base}.match[{j}]");
+            if let Some(m) = self.route_match(ctx, m, &path) {
+                matches.push(m);
+            }
+        }
+        let headers = self.headers(
+            ctx.origin,
+            route.headers.as_ref(),
+            &format!("{base}.headers"),
+        );
+        let rewrite = self.rewrite(
+            ctx.origin,
+            route.rewrite.as_ref(),
+            &format!("{base}.rewrite"),
+        );
+
+        let action = if let Some(redirect) = &route.redirect {
+            self.redirect(ctx.origin, redirect, &format!("{base}.redirect"))
+                .map(Action::Redirect)
+        } else if let Some(direct) = &route.direct_response {
+            self.direct_response(ctx.origin, direct, &format!("{base}.directResponse"))
+                .map(Action::Respond)
+        } else {
+            self.destinations(ctx, &route.route).map(Action::Forward)
+        };
+        let label = match &route.name {
+            Some(name) => format!("{vs_id} http[{index}] ({name})"),
+            None => format!("{vs_id} http[{index}]"),
+        };
+        Some(HttpRoute {
+            label,
+            matches,
+            action: action?,
+            rewrite: rewrite?,
+            headers: headers?,
+        })
+    }
+
+    fn route_match(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        m: &istio::HttpMatchRequest,
+        base: &str,
+    ) -> Option<RouteMatch> {
+        let origin = ctx.origin;
+        let mut ok = true;
+        let mut single =
+            |v: &mut Self, field: &str, sm: &Option<StringMatch>| -> Option<StrMatch> {
+                let sm = sm.as_ref()?;
+                let path = format!("{base}.{field}");
+                let compiled = v.string_match(origin, sm, &path, false, false);
+                if compiled.is_none() {
+                    ok = false;
+                }
+                compiled
+            };
+        let uri = single(self, "uri", &m.uri);
+        let scheme = single(self, "scheme", &m.scheme);
+        let method = single(self, "method", &m.method);
+        let authority = single(self, "authority", &m.authority);
+        let mut header_list = |v: &mut Self, field: &str, map: &BTreeMap<String, StringMatch>| {
+            let mut out = Vec::new();
+            for (name, sm) in map {
+                let path = format!("{base}.{field}.{name}");
+                let header = v.header_name(origin, name, &path, true);
+                let value = v.string_match(origin, sm, &path, true, false);
+                match (header, value) {
+                    (Some(h), Some(sm)) => out.push((h, sm)),
+                    _ => ok = false,
+                }
+            }
+            out
+        };
+        let headers = header_list(self, "headers", &m.headers);
+        let without_headers = header_list(self, "withoutHeaders", &m.without_headers);
+        let mut query_params = Vec::new();
+        for (name, sm) in &m.query_params {
+            let path = format!("{base}.queryParams.{name}");
+            match self.string_match(origin, sm, &path, true, true) {
+                Some(sm) => query_params.push((name.clone(), sm)),
+                None => ok = false,
+            }
+        }
+        let port = match m.port {
+            Some(p) => {
+                let port = self.port(
+                    p,
+                    At {
+                        origin,
+                        path: format!("{base}.port"),
+                    },
+                );
+                ok &= port.is_some();
+                port
+            }
+            None => None,
+        };
+        let gateways = match &m.gateways {
+            Some(list) => {
+                let mut refs = Vec::new();
+                for (i, name) in list.iter().enumerate() {
+                    let path = format!("{base}.gateways[{i}]");
+                    match self.gateway_ref(
+                        name,
+                        ctx.namespace,
+                        ctx.gateway_ids,
+                        At {
+                            origin,
+                            path: path.clone(),
+                        },
+                    ) {
+                        Some(Binding::Gateway(id)) => refs.push(id),
+                        Some(Binding::Mesh) => refs.push("mesh".to_string()),
+                        None => ok = false,
+                    }
+                }
+                Some(refs)
+            }
+            None => None,
+        };
+        ok.then(|| RouteMatch {
+            name: m.name.clone(),
+            uri,
+            ignore_uri_case: m.ignore_uri_case,
+            scheme,
+            method,
+            authority,
+            headers,
+            without_headers,
+            query_params,
+            port,
+            gateways,
+        })
+    }
+
+    fn string_match(
+        &mut self,
+        origin: &Origin,
+        sm: &StringMatch,
+        path: &str,
+        allow_presence: bool,
+        is_query: bool,
+    ) -> Option<StrMatch> {
+        let at = |p: &str| At {
+            origin,
+            path: p.into(),
+        };
+        let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()];
+        match set.iter().filter(|b| **b).count() {
+            0 if allow_presence => return Some(StrMatch::Present),
+            0 => {
+                self.error(
+                    at(path),
+                    "a match needs one of `exact`, `prefix` or `regex`",
+                );
+                return None;
+            }
+            1 => {}
+            _ => {
+                self.error(
+                    at(path),
+                    "use only one of `exact`, `prefix` or `regex` in one match",
+                );
+                return None;
+            }
+        }
+        if let Some(exact) = &sm.exact {
+            return Some(StrMatch::Exact(exact.clone()));
+        }
+        if let Some(prefix) = &sm.prefix {
+            if is_query {
+                self.error(
+                    at(&format!("{path}.prefix")),
+                    "`prefix` is not supported for queryParams (Istio supports `exact` and `regex` there)",
+                );
+                return None;
+            }
+            return Some(StrMatch::Prefix(prefix.clone()));
+        }
+        let pattern = sm.regex.as_deref().unwrap_or_default();
+        match full_match_regex(pattern) {
+            Ok(re) => Some(StrMatch::Regex(re)),
+            Err(e) => {
+                self.error(at(&format!("{path}.regex")), format!("invalid regex: {e}"));
+                None
+            }
+        }
+    }
+
+    fn header_name(
+        &mut self,
+        origin: &Origin,
+        name: &str,
+        path: &str,
+        require_lowercase: bool,
+    ) -> Option<HeaderName> {
+        if require_lowercase && name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.error(
+                At {
+                    origin,
+                    path: path.into(),
+                },
+                format!("header name `{name}` must be lower-case (Istio matches lower-case names)"),
+            );
+            return None;
+        }
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.error(
+                    At {
+                        origin,
+                        path: path.into(),
+                    },
+                    format!("`{name}` is not a valid HTTP header name"),
+                );
+                None
+            }
+        }
+    }
+
+    fn headers(
+        &mut self,
+        origin: &Origin,
+        headers: Option<&istio::Headers>,
+        base: &str,
+    ) -> Option<HeaderRules> {
+        let Some(headers) = headers else {
+            return Some(HeaderRules::default());
+        };
+        let request = self.header_ops(origin, headers.request.as_ref(), &format!("{base}.request"));
+        let response = self.header_ops(
+            origin,
+            headers.response.as_ref(),
+            &format!("{base}.response"),
+        );
+        Some(HeaderRules {
+            request: request?,
+            response: response?,
+        })
+    }
+
+    fn header_ops(
+        &mut self,
+        origin: &Origin,
+        ops: Option<&istio::HeaderOperations>,
+        base: &str,
+    ) -> Option<HeaderOps> {
+        let Some(ops) = ops else {
+            return Some(HeaderOps::default());
+        };
+        let mut ok = true;
+        let mut pairs = |v: &mut Self, field: &str, map: &BTreeMap<String, String>| {
+            let mut out = Vec::new();
+            for (name, value) in map {
+                let path = format!("{base}.{field}.{name}");
+                let header = v.header_name(origin, name, &path, false);
+                let value =
+                    match HeaderValue::from_str(value) {
+                        Ok(value) => Some(value),
+                        Err(_) => {
+                            v.error(
+                            At { origin, path: path.clone() },
+                            "header value has characters HTTP does not allow (control characters)",
+                        );
+                            None
+                        }
+                    };
+                match (header, value) {
+                    (Some(h), Some(val)) => out.push((h, val)),
+                    _ => ok = false,
+                }
+            }
+            out
+        };
+        let set = pairs(self, "set", &ops.set);
+        let add = pairs(self, "add", &ops.add);
+        let mut remove = Vec::new();
+        for (i, name) in ops.remove.iter().enumerate() {
+            match self.header_name(origin, name, &format!("{base}.remove[{i}]"), false) {
+                Some(h) => remove.push(h),
+                None => ok = false,
+            }
+        }
+        ok.then_some(HeaderOps { set, add, remove })
+    }
+
+    fn rewrite(
+        &mut self,
+        origin: &Origin,
+        rewrite: Option<&istio::HttpRewrite>,
+        base: &str,
+    ) -> Option<Rewrite> {
+        let Some(rewrite) = rewrite else {
+            return Some(Rewrite::default());
+        };
+        let at = |path: &str| At {
+            origin,
+            path: path.into(),
+        };
+        let uri = match (&rewrite.uri, &rewrite.uri_regex_rewrite) {
+            (Some(_), Some(_)) => {
+                self.error(at(base), "use only one of `uri` and `uriRegexRewrite`");
+                return None;
+            }
+            (Some(uri), None) => Some(UriRewrite::Prefix(uri.clone())),
+            (None, Some(rr)) => match full_match_regex_unanchored(&rr.pattern) {
+                Ok(pattern) => Some(UriRewrite::Regex {
+                    pattern,
+                    replacement: envoy_substitution_to_rust(&rr.rewrite),
+                }),
+                Err(e) => {
+                    self.error(
+                        at(&format!("{base}.uriRegexRewrite.match")),
+                        format!("invalid regex: {e}"),
+                    );
+                    return None;
+                }
+            },
+            (None, None) => None,
+        };
+        if let Some(authority) = &rewrite.authority {
+            if HeaderValue::from_str(authority).is_err() || authority.is_empty() {
+                self.error(at(&format!("{base}.authority")), "not a valid authority");
+                return None;
+            }
+        }
+        Some(Rewrite {
+            uri,
+            authority: rewrite.authority.clone(),
+        })
+    }
+
+    fn redirect(
+        &mut self,
+        origin: &Origin,
+        redirect: &istio::HttpRedirect,
+        base: &str,
+    ) -> Option<Redirect> {
+        let at = |path: &str| At {
+            origin,
+            path: path.into(),
+        };
+        let mut ok = true;
+        let code = match redirect.redirect_code {
+            None => 301,
+            Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+            Some(c) => {
+                self.error(
+                    at(&format!("{base}.redirectCode")),
+                    format!("redirectCode {c} is not a redirect: use 301, 302, 303, 307 or 308"),
+                );
+                ok = false;
+                0
+            }
+        };
+        let port = match redirect.port {
+            Some(p) => {
+                let port = self.port(p, at(&format!("{base}.port")));
+                ok &= port.is_some();
+                port
+            }
+            None => None,
+        };
+        if let Some(scheme) = &redirect.scheme {
+            if !matches!(scheme.as_str(), "http" | "https") {
+                self.error(
+                    at(&format!("{base}.scheme")),
+                    format!("scheme `{scheme}`: use http or https"),
+                );
+                ok = false;
+            }
+        }
+        for (field, value) in [("uri", &redirect.uri), ("authority", &redirect.authority)] {
+            if let Some(value) = value {
+                if HeaderValue::from_str(value).is_err() {
+                    self.error(
+                        at(&format!("{base}.{field}")),
+                        "has characters a Location header cannot carry",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then(|| Redirect {
+            uri: redirect.uri.clone(),
+            authority: redirect.authority.clone(),
+            port,
+            scheme: redirect.scheme.clone(),
+            code,
+        })
+    }
+
+    fn direct_response(
+        &mut self,
+        origin: &Origin,
+        direct: &istio::HttpDirectResponse,
+        base: &str,
+    ) -> Option<DirectResponse> {
+        match u16::try_from(direct.status) {
+            Ok(status @ 200..=599) => Some(DirectResponse {
+                status,
+                body: direct
+                    .body
+                    .as_ref()
+                    .and_then(|b| b.string.clone())
+                    .unwrap_or_default(),
+            }),
+            _ => {
+                self.error(
+                    At {
+                        origin,
+                        path: format!("{base}.status"),
+                    },
+                    format!(
+                        "status {} is not an HTTP status between 200 and 599",
+                        direct.status
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn destinations(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        route: &[istio::HttpRouteDestination],
+    ) -> Option<Vec<RouteDestination>> {
+        let origin = ctx.origin;
+        let mut ok = true;
+        let mut out = Vec::new();
+        let mut total: i64 = 0;
+        for (k, dest) in route.iter().enumerate() {
+            let base = format!("{}.route[{k}]", ctx.base);
+            let weight = dest.weight.unwrap_or(0);
+            if !(0..=i64::from(i32::MAX)).contains(&weight) {
+                self.error(
+                    At {
+                        origin,
+                        path: format!("{base}.weight"),
+                    },
+                    format!("weight {weight} must be between 0 and 2147483647"),
+                );
+                ok = false;
+            }
+            total += weight.max(0);
+            let service = self.destination(ctx, &dest.destination, &format!("{base}.destination"));
+            let headers = self.headers(origin, dest.headers.as_ref(), &format!("{base}.headers"));
+            match (service, headers) {
+                (Some(service), Some(headers)) => out.push(RouteDestination {
+                    service,
+                    // A single destination takes all traffic, whatever its weight says.
+                    weight: if route.len() == 1 {
+                        1
+                    } else {
+                        u32::try_from(weight).unwrap_or(0)
+                    },
+                    headers,
+                }),
+                _ => ok = false,
+            }
+        }
+        if route.len() > 1 && total == 0 && ok {
+            self.error(
+                At {
+                    origin,
+                    path: format!("{}.route", ctx.base),
+                },
+                "the weights of these destinations add up to 0: give at least one a positive weight",
+            );
+            ok = false;
+        }
+        ok.then_some(out)
+    }
+
+    fn destination(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        dest: &istio::Destination,
+        base: &str,
+    ) -> Option<ServiceKey> {
+        let origin = ctx.origin;
+        let at = |path: &str| At {
+            origin,
+            path: path.into(),
+        };
+        let host = expand_short_name(&dest.host, ctx.namespace);
+        let host_path = format!("{base}.host");
+        if host.contains('*') {
+            self.error(at(&host_path), "a destination host cannot be a wildcard");
+            return None;
+        }
+        if let Err(e) = check_dns_name(&host) {
+            self.error(at(&host_path), e);
+            return None;
+        }
+        let requested_port = match &dest.port {
+            Some(p) => Some(self.port(p.number, at(&format!("{base}.port.number")))?),
+            None => None,
+        };
+        let port = match (ctx.services.get(&host), requested_port) {
+            (Some(service), Some(port)) => {
+                if !service.ports.iter().any(|p| p.number == port) {
+                    let known: Vec<String> =
+                        service.ports.iter().map(|p| p.number.to_string()).collect();
+                    self.error(
+                        at(&format!("{base}.port.number")),
+                        format!(
+                            "ServiceEntry host `{host}` has no port {port} (its ports: {})",
+                            known.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+                port
+            }
+            (Some(service), None) => match service.ports.as_slice() {
+                [only] => only.number,
+                _ => {
+                    self.error(
+                        at(base),
+                        format!("host `{host}` has several ports: set `port.number` to choose one"),
+                    );
+                    return None;
+                }
+            },
+            (None, Some(port)) => port,
+            (None, None) => {
+                self.error(
+                    at(base),
+                    format!(
+                        "`port.number` is required: `{host}` is not a ServiceEntry host, so Sluice \
+                         resolves it by DNS and cannot look up its ports (or add a ServiceEntry \
+                         listing its ports and endpoints)"
+                    ),
+                );
+                return None;
+            }
+        };
+        if let Some(subset) = &dest.subset {
+            let subset_path = format!("{base}.subset");
+            if !ctx.subsets.contains_key(&(host.clone(), subset.clone())) {
+                let known: Vec<&str> = ctx
+                    .subsets
+                    .keys()
+                    .filter(|(h, _)| *h == host)
+                    .map(|(_, s)| s.as_str())
+                    .collect();
+                let message = if known.is_empty() {
+                    format!(
+                        "subset `{subset}`: no DestinationRule defines subsets for host `{host}`"
+                    )
+                } else {
+                    format!(
+                        "subset `{subset}` is not defined for host `{host}` (defined: {})",
+                        known.join(", ")
+                    )
+                };
+                self.error(at(&subset_path), message);
+                return None;
+            }
+            if !ctx.services.contains_key(&host) {
+                self.error(
+                    at(&subset_path),
+                    format!(
+                        "subset `{subset}` selects endpoints by label, but no ServiceEntry lists \
+                         endpoints for `{host}`"
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(ServiceKey {
+            host,
+            port,
+            subset: dest.subset.clone(),
+        })
+    }
+
+    // ------------------------------------------------------------ bindings
+
+    fn binding_warnings(&mut self, model: &Model) {
+        let set = self.set;
+        for (doc, vs) in set.virtual_services.iter().zip(&model.virtual_services) {
+            let origin = &doc.origin;
+            let mesh_only = vs.bindings.iter().all(|b| *b == Binding::Mesh);
+            if mesh_only && !vs.bindings.is_empty() && model.settings.mesh_port.is_none() {
+                self.warning(
+                    At {
+                        origin,
+                        path: "spec.hosts".into(),
+                    },
+                    format!(
+                        "VirtualService `{}` is not bound to any Gateway server: without `gateways` \
+                         Istio binds it to `mesh`, which Sluice serves only on \
+                         GatewaySettings `meshListener`; add `gateways:` to serve it on a Gateway",
+                        vs.id
+                    ),
+                );
+                continue;
+            }
+            for (i, host) in vs.hosts.iter().enumerate() {
+                let served = vs.bindings.iter().any(|b| match b {
+                    Binding::Mesh => model.settings.mesh_port.is_some(),
+                    Binding::Gateway(id) => model
+                        .gateways
+                        .iter()
+                        .filter(|g| &g.id == id)
+                        .flat_map(|g| &g.servers)
+                        .flat_map(|s| &s.hosts)
+                        .any(|sh| sh.admits(&vs.namespace) && sh.host.intersect(host).is_some()),
+                });
+                if !served {
+                    self.warning(
+                        At {
+                            origin,
+                            path: format!("spec.hosts[{i}]"),
+                        },
+                        format!(
+                            "host `{host}` is not served by any server of the bound gateways, so it \
+                             gets no traffic (Istio ignores it too)"
+                        ),
+                    );
+                }
+            }
+        }
+        for ((host, subset), labels) in &model.subsets {
+            if let Some(service) = model.services.get(host) {
+                if !service
+                    .endpoints
+                    .iter()
+                    .any(|e| labels_match(labels, &e.labels))
+                {
+                    if let Some(doc) = set
+                        .destination_rules
+                        .iter()
+                        .find(|d| expand_short_name(&d.spec.host, d.metadata.namespace()) == *host)
+                    {
+                        let index = doc
+                            .spec
+                            .subsets
+                            .iter()
+                            .position(|s| &s.name == subset)
+                            .unwrap_or(0);
+                        self.warning(
+                            At {
+                                origin: &doc.origin,
+                                path: format!("spec.subsets[{index}].labels"),
+                            },
+                            format!(
+                                "subset `{subset}` selects no endpoint of `{host}`: requests routed \
+                                 to it get 503"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct RouteCtx<'a> {
+    origin: &'a Origin,
+    base: &'a str,
+    namespace: &'a str,
+    gateway_ids: &'a BTreeSet<String>,
+    services: &'a BTreeMap<String, Service>,
+    subsets: &'a BTreeMap<(String, String), BTreeMap<String, String>>,
+}
+
+impl ServerHost {
+    /// Whether a VirtualService in `namespace` may attach to this server host.
+    pub fn admits(&self, namespace: &str) -> bool {
+        match &self.namespaces {
+            NamespaceFilter::Any => true,
+            NamespaceFilter::Only(ns) => ns == namespace,
+        }
+    }
+}
+
+/// A route without `match`, or with a `match` block that has no condition, takes every request that
+/// reaches it.
+fn matches_everything(route: &istio::HttpRoute) -> bool {
+    route.matches.is_empty()
+        || route.matches.iter().any(|m| {
+            m.uri.is_none()
+                && m.scheme.is_none()
+                && m.method.is_none()
+                && m.authority.is_none()
+                && m.headers.is_empty()
+                && m.without_headers.is_empty()
+                && m.query_params.is_empty()
+                && m.port.is_none()
+                && m.gateways.is_none()
+        })
+}
+
+/// A subset selects an endpoint when every subset label is on the endpoint.
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn full_match_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+fn full_match_regex_unanchored(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// Envoy (RE2) writes capture groups in substitutions as `\1`; the regex crate as `${1}`, and a
+/// literal `$` must be doubled.
+fn envoy_substitution_to_rust(substitution: &str) -> String {
+    let mut out = String::with_capacity(substitution.len());
+    let mut chars = substitution.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                out.push_str("${");
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    out.push(d);
+                    chars.next();
+                }
+                out.push('}');
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Istio durations as protobuf's JSON form and Go write them: `5s`, `1.5s`, `100ms`, `1m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "h" => value * 3600.0,
+        "m" => value * 60.0,
+        "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutions_translate_capture_groups() {
+        assert_eq!(envoy_substitution_to_rust(r"/v2/\1/x$"), "/v2/${1}/x$$");
+    }
+
+    #[test]
+    fn durations_parse_like_istio() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("100ms"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+}

@@ -1,0 +1,324 @@
+//! The Pingora `ProxyHttp` implementation: one instance per listener port.
+//!
+//! Deliberately thin: `request_filter` asks the snapshot which route matches and answers 404,
+//! redirects and direct responses itself; `upstream_peer` picks the weighted target and an endpoint;
+//! the upstream/response filters apply the route's rewrite and header rules. Policy lives in
+//! `sluice-core`, not here. Each request loads one generation into its context and keeps it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use log::warn;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+use sluice_core::model::{Action, HeaderOps};
+use sluice_core::snapshot::{
+    redirect_location, rewrite_path, RequestInfo, Route, RouteLookup, UpstreamEndpoint,
+};
+
+use crate::state::{Generation, Live};
+
+pub struct GatewayProxy {
+    pub port: u16,
+    pub live: Arc<Live>,
+}
+
+/// Per-request state: the generation this request uses from start to end, and what routing chose.
+#[derive(Default)]
+pub struct RequestCtx {
+    generation: Option<Arc<Generation>>,
+    route: Option<Arc<Route>>,
+    matched: Option<usize>,
+    target: Option<usize>,
+    /// Why Sluice itself failed the request, for the error body.
+    failure: Option<&'static str>,
+}
+
+impl RequestCtx {
+    fn target(&self) -> Option<&sluice_core::snapshot::Target> {
+        self.route.as_ref()?.targets.get(self.target?)
+    }
+}
+
+/// The parts of Pingora's request header that routing reads.
+fn request_info<'a>(req: &'a RequestHeader, port: u16) -> RequestInfo<'a> {
+    let authority = req
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    RequestInfo {
+        method: req.method.as_str(),
+        scheme: "http",
+        authority,
+        path: req.uri.path(),
+        query: req.uri.query(),
+        headers: &req.headers,
+        port,
+    }
+}
+
+/// Answers a request from Sluice itself, keeping the connection open.
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    extra: Option<(header::HeaderName, HeaderValue)>,
+    body: Bytes,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some((name, value)) = extra {
+        resp.insert_header(name, value)?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), body.is_empty() || head_only)
+        .await?;
+    if !body.is_empty() && !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+fn apply_request_ops(req: &mut RequestHeader, ops: &HeaderOps) -> Result<()> {
+    for name in &ops.remove {
+        req.remove_header(name);
+    }
+    for (name, value) in &ops.set {
+        req.insert_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in &ops.add {
+        req.append_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+fn apply_response_ops(resp: &mut ResponseHeader, ops: &HeaderOps) -> Result<()> {
+    for name in &ops.remove {
+        resp.remove_header(name);
+    }
+    for (name, value) in &ops.set {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in &ops.add {
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn fail(failure: &'static str, status: u16) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(status), failure)
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let generation = self.live.current();
+        let info = request_info(session.req_header(), self.port);
+        let lookup = generation.snapshot.route(&info);
+        let answer = match lookup {
+            RouteLookup::NoListener | RouteLookup::NoHost => Some((
+                404,
+                None,
+                Bytes::from_static(b"no route: no virtual host serves this host\n"),
+            )),
+            RouteLookup::NoRoute => Some((
+                404,
+                None,
+                Bytes::from_static(b"no route: no route matches this request\n"),
+            )),
+            RouteLookup::Found { route, matched } => {
+                ctx.route = Some(route.clone());
+                ctx.matched = matched;
+                match &route.def.action {
+                    Action::Redirect(redirect) => {
+                        let location = redirect_location(redirect, &info);
+                        let value = HeaderValue::from_str(&location).map_err(|_| {
+                            Error::explain(
+                                ErrorType::HTTPStatus(400),
+                                "redirect target is not a valid header",
+                            )
+                        })?;
+                        Some((redirect.code, Some((header::LOCATION, value)), Bytes::new()))
+                    }
+                    Action::Respond(direct) => Some((
+                        direct.status,
+                        None,
+                        Bytes::copy_from_slice(direct.body.as_bytes()),
+                    )),
+                    Action::Forward(_) => {
+                        ctx.target = route.pick_target();
+                        None
+                    }
+                }
+            }
+        };
+        ctx.generation = Some(generation);
+        match answer {
+            Some((status, extra, body)) => {
+                respond(session, status, extra, body).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let (Some(generation), Some(target)) = (ctx.generation.as_ref(), ctx.target()) else {
+            return Err(fail("no route", 404));
+        };
+        let cluster = generation
+            .snapshot
+            .cluster(target.cluster)
+            .ok_or_else(|| fail("no cluster", 503))?;
+        let Some((endpoint, turn)) = cluster.next_endpoint() else {
+            ctx.failure = Some("no healthy upstream: the destination has no endpoints\n");
+            return Err(fail("no endpoints", 503));
+        };
+        let addr = match endpoint {
+            UpstreamEndpoint::Addr(addr) => addr,
+            UpstreamEndpoint::Dns { slot, port } => {
+                let name = generation.snapshot.dns_names().get(slot);
+                let resolved = name.and_then(|n| self.live.dns.addresses(n));
+                match resolved.filter(|a| !a.is_empty()) {
+                    Some(ips) => SocketAddr::new(ips[turn % ips.len()], port),
+                    None => {
+                        ctx.failure = Some(
+                            "no healthy upstream: the destination's DNS name has not resolved\n",
+                        );
+                        return Err(fail("DNS name not resolved", 503));
+                    }
+                }
+            }
+        };
+        Ok(Box::new(HttpPeer::new(addr, false, String::new())))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(ip) = client_ip(session) {
+            let forwarded = match upstream_request.headers.get("x-forwarded-for") {
+                Some(existing) => format!("{}, {ip}", existing.to_str().unwrap_or_default()),
+                None => ip.to_string(),
+            };
+            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        }
+        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if let Some(uri_rewrite) = &route.def.rewrite.uri {
+            let path = rewrite_path(
+                uri_rewrite,
+                upstream_request.uri.path(),
+                route.matched(ctx.matched),
+            );
+            let path_and_query = match upstream_request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            match path_and_query.parse::<http::Uri>() {
+                Ok(uri) => upstream_request.set_uri(uri),
+                Err(_) => {
+                    warn!(
+                        "{}: rewrite produced an invalid path {path_and_query:?}",
+                        route.def.label
+                    );
+                    return Err(fail("rewrite produced an invalid path", 500));
+                }
+            }
+        }
+        if let Some(authority) = &route.def.rewrite.authority {
+            upstream_request.insert_header(header::HOST, authority.as_str())?;
+        }
+        if let Some(target) = ctx.target() {
+            apply_request_ops(upstream_request, &target.headers.request)?;
+        }
+        apply_request_ops(upstream_request, &route.def.headers.request)?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(target) = ctx.target() {
+            apply_response_ops(upstream_response, &target.headers.response)?;
+        }
+        if let Some(route) = &ctx.route {
+            apply_response_ops(upstream_response, &route.def.headers.response)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let (code, reason): (u16, &str) = match e.etype() {
+            ErrorType::HTTPStatus(code) => (*code, ctx.failure.unwrap_or("request failed\n")),
+            ErrorType::ConnectTimedout => (503, "upstream connect timeout\n"),
+            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+                (503, "upstream connect error: connection refused\n")
+            }
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                (504, "upstream request timeout\n")
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "upstream reset or sent an invalid response\n"),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        (0, "")
+                    }
+                    _ => (400, "bad request\n"),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => (500, "internal error\n"),
+            },
+        };
+        if code > 0 {
+            if let Err(write_error) = session
+                .respond_error_with_body(code, Bytes::from_static(reason.as_bytes()))
+                .await
+            {
+                log::debug!("could not send error response: {write_error}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
