@@ -19,19 +19,30 @@ pub struct Position {
     pub column: usize,
 }
 
-/// One config file (or an embedded text) as read from disk.
+/// One config file (or an embedded text) as read from disk, split into its YAML documents.
 #[derive(Debug)]
 pub struct SourceFile {
     path: PathBuf,
     text: String,
-    index: OnceLock<PathIndex>,
+    documents: Vec<DocumentSpan>,
+    index: OnceLock<Vec<PathIndex>>,
+}
+
+/// Where one document of a multi-document stream sits in the file.
+#[derive(Debug, Clone)]
+pub struct DocumentSpan {
+    pub bytes: std::ops::Range<usize>,
+    /// Lines before the document's first line.
+    pub line_offset: usize,
 }
 
 impl SourceFile {
     pub fn new(path: impl Into<PathBuf>, text: String) -> Arc<Self> {
+        let documents = split_documents(&text);
         Arc::new(Self {
             path: path.into(),
             text,
+            documents,
             index: OnceLock::new(),
         })
     }
@@ -40,13 +51,72 @@ impl SourceFile {
         &self.path
     }
 
-    pub fn text(&self) -> &str {
-        &self.text
+    pub fn documents(&self) -> &[DocumentSpan] {
+        &self.documents
     }
 
-    fn index(&self) -> &PathIndex {
-        self.index.get_or_init(|| PathIndex::build(&self.text))
+    pub fn document_text(&self, document: usize) -> &str {
+        self.documents
+            .get(document)
+            .and_then(|d| self.text.get(d.bytes.clone()))
+            .unwrap_or("")
     }
+
+    fn index(&self, document: usize) -> Option<&PathIndex> {
+        self.index
+            .get_or_init(|| {
+                self.documents
+                    .iter()
+                    .map(|d| {
+                        PathIndex::build(
+                            self.text.get(d.bytes.clone()).unwrap_or(""),
+                            d.line_offset,
+                        )
+                    })
+                    .collect()
+            })
+            .get(document)
+    }
+}
+
+/// Splits a YAML stream at its document markers. A line that starts with `---` or `...` followed by
+/// a space or the line end always ends the current document in YAML (even inside a block scalar),
+/// so splitting on them is exact, and lets each document be parsed on its own: a syntax error in one
+/// cannot hide the others, and many documents parse in linear time.
+pub fn split_documents(text: &str) -> Vec<DocumentSpan> {
+    let mut spans = Vec::new();
+    let mut start = 0;
+    let mut start_line = 0;
+    let mut offset = 0;
+    for (line_number, line) in text.split_inclusive('\n').enumerate() {
+        let marker = |m: &str| {
+            line.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\n', '\r']))
+        };
+        if marker("---") && offset > start {
+            spans.push(DocumentSpan {
+                bytes: start..offset,
+                line_offset: start_line,
+            });
+            start = offset;
+            start_line = line_number;
+        } else if marker("...") {
+            spans.push(DocumentSpan {
+                bytes: start..offset,
+                line_offset: start_line,
+            });
+            start = offset + line.len();
+            start_line = line_number + 1;
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        spans.push(DocumentSpan {
+            bytes: start..offset,
+            line_offset: start_line,
+        });
+    }
+    spans
 }
 
 /// Where a document lives: its file and its position in the file's document stream.
@@ -60,16 +130,40 @@ impl Origin {
     /// The position of `path` inside this document, falling back to the nearest ancestor that exists
     /// (a missing optional field is reported where its parent is written).
     pub fn position_of(&self, path: &str) -> Position {
-        let index = self.file.index();
+        let start = Position {
+            line: self
+                .file
+                .documents()
+                .get(self.document)
+                .map_or(0, |d| d.line_offset)
+                + 1,
+            column: 1,
+        };
+        let Some(index) = self.file.index(self.document) else {
+            return start;
+        };
         let mut candidate = path;
         loop {
-            if let Some(position) = index.get(self.document, candidate) {
+            if let Some(position) = index.get(candidate) {
                 return position;
             }
             match parent_path(candidate) {
                 Some(parent) => candidate = parent,
-                None => return index.document_start(self.document),
+                None => return index.start.unwrap_or(start),
             }
+        }
+    }
+
+    /// A position serde_yaml reported inside this document, made relative to the whole file.
+    pub fn file_position(&self, line_in_document: usize, column: usize) -> Position {
+        let offset = self
+            .file
+            .documents()
+            .get(self.document)
+            .map_or(0, |d| d.line_offset);
+        Position {
+            line: line_in_document + offset,
+            column,
         }
     }
 
@@ -100,30 +194,30 @@ fn parent_path(path: &str) -> Option<&str> {
     Some(&path[..cut])
 }
 
-/// Path → position of every node of every document in one file.
+/// Path → position of every node of one document.
 #[derive(Debug, Default)]
 struct PathIndex {
-    documents: Vec<HashMap<String, Position>>,
-    starts: Vec<Position>,
+    paths: HashMap<String, Position>,
+    start: Option<Position>,
+    line_offset: usize,
 }
 
 impl PathIndex {
-    fn build(text: &str) -> Self {
-        let mut builder = IndexBuilder::default();
+    fn build(text: &str, line_offset: usize) -> Self {
+        let mut builder = IndexBuilder {
+            index: PathIndex {
+                line_offset,
+                ..PathIndex::default()
+            },
+            stack: Vec::new(),
+        };
         // A syntax error stops the parser; whatever was indexed before it stays usable.
-        let _ = Parser::new_from_str(text).load(&mut builder, true);
+        let _ = Parser::new_from_str(text).load(&mut builder, false);
         builder.index
     }
 
-    fn get(&self, document: usize, path: &str) -> Option<Position> {
-        self.documents.get(document)?.get(path).copied()
-    }
-
-    fn document_start(&self, document: usize) -> Position {
-        self.starts
-            .get(document)
-            .copied()
-            .unwrap_or(Position { line: 1, column: 1 })
+    fn get(&self, path: &str) -> Option<Position> {
+        self.paths.get(path).copied()
     }
 }
 
@@ -138,17 +232,18 @@ enum Frame {
     },
 }
 
-#[derive(Default)]
 struct IndexBuilder {
     index: PathIndex,
     stack: Vec<Frame>,
 }
 
-fn position_of(mark: Marker) -> Position {
-    // yaml-rust2 columns are 0-based; editors and serde_yaml count from 1.
-    Position {
-        line: mark.line(),
-        column: mark.col() + 1,
+impl PathIndex {
+    fn position(&self, mark: Marker) -> Position {
+        // yaml-rust2 columns are 0-based; editors and serde_yaml count from 1.
+        Position {
+            line: mark.line() + self.line_offset,
+            column: mark.col() + 1,
+        }
     }
 }
 
@@ -164,7 +259,7 @@ impl IndexBuilder {
     /// A node starts at `mark`: if it is a mapping key, remember it; otherwise record its path and
     /// return it so a container can push a frame.
     fn node(&mut self, mark: Marker, scalar_key: Option<&str>) -> Option<String> {
-        let position = position_of(mark);
+        let position = self.index.position(mark);
         let (path, at) = match self.stack.last_mut() {
             None => (String::new(), position),
             Some(Frame::Sequence { path, next }) => {
@@ -180,9 +275,7 @@ impl IndexBuilder {
                 }
             },
         };
-        if let Some(document) = self.index.documents.last_mut() {
-            document.entry(path.clone()).or_insert(at);
-        }
+        self.index.paths.entry(path.clone()).or_insert(at);
         Some(path)
     }
 }
@@ -191,8 +284,7 @@ impl MarkedEventReceiver for IndexBuilder {
     fn on_event(&mut self, event: Event, mark: Marker) {
         match event {
             Event::DocumentStart => {
-                self.index.documents.push(HashMap::new());
-                self.index.starts.push(position_of(mark));
+                self.index.start = Some(self.index.position(mark));
                 self.stack.clear();
             }
             Event::Scalar(value, ..) => {
@@ -230,6 +322,15 @@ mod tests {
             file: SourceFile::new("t.yaml", text.to_string()),
             document,
         }
+    }
+
+    #[test]
+    fn splits_at_markers_only_at_line_start() {
+        let text = "a: 1\n---\nb: '---'\n  ---x\n--- \nc: 3\n...\n";
+        let spans = split_documents(text);
+        let docs: Vec<&str> = spans.iter().map(|d| &text[d.bytes.clone()]).collect();
+        assert_eq!(docs, ["a: 1\n", "---\nb: '---'\n  ---x\n", "--- \nc: 3\n"]);
+        assert_eq!(spans[2].line_offset, 4);
     }
 
     #[test]

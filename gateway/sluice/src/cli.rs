@@ -70,10 +70,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Prints every diagnostic; returns the snapshot when there is no error.
-fn report(loaded: &Loaded) -> Option<Snapshot> {
+/// Prints every diagnostic (to stdout for `validate`, whose output they are; to stderr otherwise);
+/// returns the snapshot when there is no error.
+fn report(loaded: &Loaded, to_stdout: bool) -> Option<Snapshot> {
     for diagnostic in loaded.diagnostics.clone().into_sorted() {
-        eprintln!("{diagnostic}");
+        if to_stdout {
+            println!("{diagnostic}");
+        } else {
+            eprintln!("{diagnostic}");
+        }
     }
     loaded.snapshot()
 }
@@ -82,7 +87,7 @@ fn validate(configs: &[PathBuf]) -> ExitCode {
     let loaded = sluice_core::load_paths(configs);
     let errors = loaded.diagnostics.errors().count();
     let warnings = loaded.diagnostics.warnings().count();
-    match report(&loaded) {
+    match report(&loaded, true) {
         Some(snapshot) => {
             println!(
                 "OK: {} file(s), {} warning(s); {}",
@@ -107,7 +112,7 @@ fn serve(snapshot: Snapshot) -> anyhow::Result<ExitCode> {
 
 fn run(configs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let loaded = sluice_core::load_paths(configs);
-    match report(&loaded) {
+    match report(&loaded, false) {
         Some(snapshot) => serve(snapshot),
         None => {
             eprintln!(
@@ -122,7 +127,7 @@ fn run(configs: &[PathBuf]) -> anyhow::Result<ExitCode> {
 fn demo(port: u16) -> anyhow::Result<ExitCode> {
     let text = crate::demo::start_backends(port)?;
     let loaded = sluice_core::load_str("<built-in demo>", &text);
-    let snapshot = report(&loaded).context("the built-in demo config did not validate")?;
+    let snapshot = report(&loaded, false).context("the built-in demo config did not validate")?;
     println!("Sluice demo: a 90/10 canary split between two built-in backends, v1 and v2.");
     println!("  Gateway:  http://127.0.0.1:{port}/");
     println!("  Try:      for i in $(seq 20); do curl -s http://127.0.0.1:{port}/ | grep -o '\"backend\":\"v[12]\"'; done | sort | uniq -c");

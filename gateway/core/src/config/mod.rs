@@ -147,32 +147,21 @@ impl ConfigSet {
 
     fn add_text(&mut self, file: Arc<SourceFile>, diagnostics: &mut Diagnostics) {
         self.files.push(file.path().to_path_buf());
-        let headers: Vec<Result<Header, serde_yaml::Error>> =
-            serde_yaml::Deserializer::from_str(file.text())
-                .map(Header::deserialize)
-                .collect();
         let mut real_documents = 0;
-        for (document, header) in headers.into_iter().enumerate() {
+        for document in 0..file.documents().len() {
             let origin = Origin {
                 file: file.clone(),
                 document,
             };
-            let header = match header {
-                Ok(header) => header,
-                Err(error) => {
-                    diagnostics.push(yaml_error(&origin, &error));
-                    // After a syntax error libyaml cannot find the next document reliably.
-                    return;
-                }
-            };
-            if header.api_version.is_none() && header.kind.is_none() {
-                // An empty document (a trailing `---`, a file of comments) holds nothing.
-                if document_is_empty(&file, document) {
-                    continue;
-                }
+            let text = file.document_text(document);
+            if is_blank_document(text) {
+                continue;
             }
             real_documents += 1;
-            self.add_document(&file, origin, header, diagnostics);
+            match serde_yaml::from_str::<Header>(text) {
+                Ok(header) => self.add_document(&file, origin, header, diagnostics),
+                Err(error) => diagnostics.push(yaml_error(&origin, &error)),
+            }
         }
         if real_documents == 0 {
             diagnostics.push(Diagnostic::error(
@@ -246,11 +235,7 @@ fn push_typed<T: DeserializeOwned + Default>(
     origin: Origin,
     diagnostics: &mut Diagnostics,
 ) {
-    let Some(document) = serde_yaml::Deserializer::from_str(file.text()).nth(origin.document)
-    else {
-        return;
-    };
-    match Object::<T>::deserialize(document) {
+    match serde_yaml::from_str::<Object<T>>(file.document_text(origin.document)) {
         Ok(object) => {
             if object.metadata.name.is_empty() {
                 diagnostics.error(&origin, "metadata", "`metadata.name` is required");
@@ -265,16 +250,13 @@ fn push_typed<T: DeserializeOwned + Default>(
     }
 }
 
-fn document_is_empty(file: &SourceFile, document: usize) -> bool {
-    serde_yaml::Deserializer::from_str(file.text())
-        .nth(document)
-        .map(|d| {
-            matches!(
-                serde_yaml::Value::deserialize(d),
-                Ok(serde_yaml::Value::Null)
-            )
-        })
-        .unwrap_or(true)
+/// A document of nothing but a marker, comments and blank lines (a trailing `---`, a commented-out
+/// object) holds no configuration.
+fn is_blank_document(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---"
+    })
 }
 
 /// serde_yaml renders errors as `path: message at line L column C`; Sluice prints the position in
@@ -282,15 +264,11 @@ fn document_is_empty(file: &SourceFile, document: usize) -> bool {
 fn yaml_error(origin: &Origin, error: &serde_yaml::Error) -> Diagnostic {
     let position = error
         .location()
-        .map(|l| Position {
-            line: l.line(),
-            column: l.column(),
-        })
+        .map(|l| origin.file_position(l.line(), l.column()))
         .unwrap_or_else(|| origin.position_of(""));
-    let mut text = error.to_string();
-    if let Some(cut) = text.rfind(" at line ") {
-        text.truncate(cut);
-    }
+    // Positions inside the message are relative to the document, not the file; the diagnostic
+    // carries the right one in front.
+    let text = strip_marks(&error.to_string());
     let message = match text.split_once(": ") {
         Some((path, rest)) if !path.contains(' ') => {
             if rest.starts_with("is ") {
@@ -302,6 +280,29 @@ fn yaml_error(origin: &Origin, error: &serde_yaml::Error) -> Diagnostic {
         _ => text,
     };
     Diagnostic::error(origin.file_name(), position, message)
+}
+
+/// Removes every ` at line N column M` from a serde_yaml/libyaml message.
+fn strip_marks(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(" at line ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " at line ".len()..];
+        let skip = after
+            .find(" column ")
+            .map(|c| {
+                let digits = after[c + " column ".len()..]
+                    .bytes()
+                    .take_while(u8::is_ascii_digit)
+                    .count();
+                c + " column ".len() + digits
+            })
+            .unwrap_or(0);
+        rest = &after[skip..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn too_large(name: impl Into<PathBuf>, size: usize) -> Diagnostic {

@@ -1,0 +1,500 @@
+//! Routing through the real gateway: host precedence, first-match ordering, every match condition,
+//! redirects, rewrites, header rules, weighted splits, DNS endpoints and error statuses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use sluice_tests::*;
+
+/// Starts one echo upstream per name and returns ServiceEntry YAML mapping `<name>.svc` to each.
+async fn backends(names: &[&str]) -> anyhow::Result<String> {
+    let mut yaml = String::new();
+    for name in names {
+        let addr = echo(name).await?;
+        yaml.push_str(&service_entry_yaml(
+            name,
+            &format!("{name}.svc"),
+            &[(addr, "")],
+        ));
+    }
+    Ok(yaml)
+}
+
+fn virtual_service(name: &str, hosts: &[&str], http: &str) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\n\
+         spec:\n  hosts: [{}]\n  gateways: [gw]\n  http:\n{http}",
+        hosts.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn host_lookup_prefers_exact_then_longest_wildcard_then_catch_all() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["exact", "wild", "deeper", "any"]).await?;
+    for (vs, host) in [
+        ("exact", "a.example.com"),
+        ("wild", "*.example.com"),
+        ("deeper", "*.b.example.com"),
+        ("any", "*"),
+    ] {
+        yaml += &virtual_service(
+            vs,
+            &[host],
+            &format!("  - route: [{{destination: {{host: {vs}.svc}}}}]\n"),
+        );
+    }
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    for (host, expected) in [
+        ("a.example.com", "exact"),
+        ("A.Example.COM:8080", "exact"),
+        ("c.example.com", "wild"),
+        ("x.y.example.com", "wild"),
+        ("x.b.example.com", "deeper"),
+        ("example.com", "any"),
+        ("other.org", "any"),
+    ] {
+        let r = get(port, host, "/").await?;
+        assert_eq!(r.backend(), expected, "Host: {host}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn gateway_server_hosts_limit_what_a_virtual_service_serves() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["only.test"]);
+    yaml += &backends(&["one"]).await?;
+    yaml += &virtual_service(
+        "all",
+        &["*"],
+        "  - route: [{destination: {host: one.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    assert_eq!(get(port, "only.test", "/").await?.backend(), "one");
+    let other = get(port, "other.test", "/").await?;
+    assert_eq!(other.status, 404);
+    assert!(other.body.as_str().unwrap_or("").contains("no route"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn first_matching_route_wins_and_unmatched_requests_get_404() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["first", "second"]).await?;
+    yaml += &virtual_service(
+        "order",
+        &["order.test"],
+        "  - match: [{uri: {prefix: /a}}]\n    route: [{destination: {host: first.svc}}]\n\
+         \x20 - match: [{uri: {prefix: /a/b}}]\n    route: [{destination: {host: second.svc}}]\n\
+         \x20 - match: [{uri: {prefix: /b}}]\n    route: [{destination: {host: second.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    assert_eq!(get(port, "order.test", "/a/b").await?.backend(), "first");
+    assert_eq!(get(port, "order.test", "/b").await?.backend(), "second");
+    let miss = get(port, "order.test", "/c").await?;
+    assert_eq!(miss.status, 404);
+    assert_eq!(
+        miss.body.as_str(),
+        Some("no route: no route matches this request\n")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
+    let port = free_port();
+    let names = [
+        "exact",
+        "prefix",
+        "regex",
+        "method",
+        "authority",
+        "hdrexact",
+        "hdrprefix",
+        "hdrregex",
+        "query",
+        "queryregex",
+        "without",
+        "icase",
+        "either",
+        "both",
+        "scheme",
+        "fallback",
+    ];
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&names).await?;
+    let rule = |m: &str, to: &str| {
+        format!("  - match: {m}\n    route: [{{destination: {{host: {to}.svc}}}}]\n")
+    };
+    let mut http = String::new();
+    http += &rule("[{uri: {exact: /exact}}]", "exact");
+    http += &rule("[{uri: {prefix: /prefix/}}]", "prefix");
+    http += &rule("[{uri: {regex: '/re/[0-9]+'}}]", "regex");
+    http += &rule("[{method: {exact: POST}, uri: {prefix: /m}}]", "method");
+    http += &rule("[{authority: {prefix: alt.}}]", "authority");
+    http += &rule("[{headers: {x-env: {exact: canary}}}]", "hdrexact");
+    http += &rule("[{headers: {x-user: {prefix: admin-}}}]", "hdrprefix");
+    http += &rule("[{headers: {x-id: {regex: '[a-f]{4}'}}}]", "hdrregex");
+    http += &rule("[{queryParams: {debug: {exact: '1'}}}]", "query");
+    http += &rule("[{queryParams: {v: {regex: 'v[0-9]'}}}]", "queryregex");
+    http += &rule(
+        "[{uri: {prefix: /nohdr}, withoutHeaders: {x-block: {}}}]",
+        "without",
+    );
+    http += &rule("[{uri: {exact: /CaSe}, ignoreUriCase: true}]", "icase");
+    http += &rule("[{uri: {prefix: /or-a}}, {uri: {prefix: /or-b}}]", "either");
+    http += &rule(
+        "[{uri: {prefix: /and}, headers: {x-and: {exact: '1'}}}]",
+        "both",
+    );
+    http += &rule("[{scheme: {exact: https}}]", "scheme");
+    http += "  - route: [{destination: {host: fallback.svc}}]\n";
+    yaml += &virtual_service("conditions", &["match.test", "alt.match.test"], &http);
+    let _gw = TestGateway::start(&yaml, &[port])?;
+
+    let c = client();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let on = |path: &str| c.get(url(path)).header("host", "match.test");
+    let cases: Vec<(reqwest::RequestBuilder, &str, &str)> = vec![
+        (on("/exact"), "exact", "uri exact"),
+        (on("/exact/more"), "fallback", "uri exact is not a prefix"),
+        (on("/prefix/a"), "prefix", "uri prefix"),
+        (
+            on("/prefix"),
+            "fallback",
+            "uri prefix needs the trailing slash",
+        ),
+        (on("/re/123"), "regex", "uri regex"),
+        (
+            on("/re/12a"),
+            "fallback",
+            "uri regex must match the whole path",
+        ),
+        (
+            on("/x/re/1"),
+            "fallback",
+            "uri regex is anchored at the start",
+        ),
+        (
+            c.post(url("/m")).header("host", "match.test"),
+            "method",
+            "method",
+        ),
+        (on("/m"), "fallback", "method GET does not match POST"),
+        (
+            c.get(url("/")).header("host", "alt.match.test"),
+            "authority",
+            "authority prefix",
+        ),
+        (
+            on("/").header("x-env", "canary"),
+            "hdrexact",
+            "header exact",
+        ),
+        (
+            on("/").header("x-env", "prod"),
+            "fallback",
+            "header exact, other value",
+        ),
+        (
+            on("/").header("x-user", "admin-7"),
+            "hdrprefix",
+            "header prefix",
+        ),
+        (on("/").header("x-id", "abcd"), "hdrregex", "header regex"),
+        (
+            on("/").header("x-id", "abcde"),
+            "fallback",
+            "header regex is anchored",
+        ),
+        (on("/?debug=1"), "query", "query exact"),
+        (on("/?a=b&debug=2"), "fallback", "query exact, other value"),
+        (on("/?v=v7"), "queryregex", "query regex"),
+        (on("/nohdr"), "without", "withoutHeaders, header absent"),
+        (
+            on("/nohdr").header("x-block", "1"),
+            "fallback",
+            "withoutHeaders, header present",
+        ),
+        (on("/case"), "icase", "ignoreUriCase lower"),
+        (on("/CASE"), "icase", "ignoreUriCase upper"),
+        (on("/or-a"), "either", "first match block"),
+        (on("/or-b"), "either", "second match block"),
+        (
+            on("/and").header("x-and", "1"),
+            "both",
+            "all conditions of a block",
+        ),
+        (on("/and"), "fallback", "one condition missing"),
+    ];
+    for (request, expected, what) in cases {
+        let r = send(request).await?;
+        assert_eq!(r.backend(), expected, "{what}: {r:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    let http = "
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new}
+  - match: [{uri: {prefix: /moved}}]
+    redirect: {scheme: https, authority: other.test, redirectCode: 308}
+  - match: [{uri: {prefix: /port}}]
+    redirect: {port: 8443}
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /v2/}
+    route: [{destination: {host: app.svc}}]
+  - match: [{uri: {exact: /exact-old}}]
+    rewrite: {uri: /exact-new}
+    route: [{destination: {host: app.svc}}]
+  - match: [{uri: {prefix: /re/}}]
+    rewrite: {uriRegexRewrite: {match: '^/re/(.*)$', rewrite: '/regex/\\1'}}
+    route: [{destination: {host: app.svc}}]
+  - match: [{uri: {prefix: /host}}]
+    rewrite: {authority: rewritten.test}
+    route: [{destination: {host: app.svc}}]
+  - match: [{uri: {prefix: /teapot}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+";
+    yaml += &virtual_service("actions", &["act.test"], http);
+    let _gw = TestGateway::start(&yaml, &[port])?;
+
+    let r = get(port, "act.test", "/old/page?q=1").await?;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "http://act.test/new?q=1");
+
+    let r = get(port, "act.test:8080", "/moved/x").await?;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.headers["location"], "https://other.test/moved/x");
+
+    let r = get(port, "act.test", "/port").await?;
+    assert_eq!(r.headers["location"], "http://act.test:8443/port");
+
+    let r = get(port, "act.test", "/api/users?id=7").await?;
+    assert_eq!(
+        (r.path(), r.body["query"].as_str()),
+        ("/v2/users", Some("id=7"))
+    );
+
+    assert_eq!(
+        get(port, "act.test", "/exact-old").await?.path(),
+        "/exact-new"
+    );
+    assert_eq!(get(port, "act.test", "/re/a/b").await?.path(), "/regex/a/b");
+
+    let r = get(port, "act.test", "/host").await?;
+    assert_eq!(r.request_header("host"), Some("rewritten.test"));
+
+    let r = get(port, "act.test", "/teapot").await?;
+    assert_eq!((r.status, r.body.as_str()), (418, Some("short and stout")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn header_rules_apply_to_requests_and_responses() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    let http = "
+  - headers:
+      request:
+        set: {x-set: route}
+        add: {x-add: added}
+        remove: [x-remove]
+      response:
+        set: {x-resp-set: route}
+        add: {x-resp-add: added}
+        remove: [x-backend]
+    route:
+    - destination: {host: app.svc}
+      headers:
+        request: {set: {x-dest: dest}}
+        response: {add: {x-dest-resp: dest}}
+";
+    yaml += &virtual_service("headers", &["hdr.test"], http);
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let r = send(
+        client()
+            .get(format!("http://127.0.0.1:{port}/"))
+            .header("host", "hdr.test")
+            .header("x-set", "client")
+            .header("x-add", "client")
+            .header("x-remove", "client")
+            .header("x-forwarded-for", "203.0.113.9"),
+    )
+    .await?;
+    assert_eq!(r.request_header("x-set"), Some("route"));
+    // The echo server reports repeated headers as its last value; presence of the client's value
+    // is checked through the joined form hyper gives for a repeated header.
+    assert!(r.request_header("x-add").is_some());
+    assert_eq!(r.request_header("x-remove"), None);
+    assert_eq!(r.request_header("x-dest"), Some("dest"));
+    assert_eq!(
+        r.request_header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(r.request_header("x-forwarded-proto"), Some("http"));
+    assert_eq!(r.request_header("host"), Some("hdr.test"));
+    assert_eq!(r.headers["x-resp-set"], "route");
+    assert_eq!(r.headers["x-resp-add"], "added");
+    assert_eq!(r.headers["x-dest-resp"], "dest");
+    assert!(!r.headers.contains_key("x-backend"));
+    Ok(())
+}
+
+/// Counts which backend answered `n` requests to `host`.
+async fn tally(port: u16, host: &str, n: usize) -> anyhow::Result<HashMap<String, usize>> {
+    let c = client();
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let r = send(
+            c.get(format!("http://127.0.0.1:{port}/"))
+                .header("host", host),
+        )
+        .await?;
+        *counts.entry(r.backend().to_string()).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+fn subsets_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
+    let mut yaml = service_entry_yaml(
+        "reviews",
+        "reviews.default.svc.cluster.local",
+        &[(v1, "version: v1"), (v2, "version: v2")],
+    );
+    yaml += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n\
+             spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+    yaml
+}
+
+#[tokio::test]
+async fn weighted_split_90_10_lands_within_3_points_over_2000_requests() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &virtual_service(
+        "split",
+        &["split.test"],
+        "  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 90}\n\
+         \x20   - {destination: {host: reviews, subset: v2}, weight: 10}\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let counts = tally(port, "split.test", 2000).await?;
+    let v1 = counts.get("v1").copied().unwrap_or(0) as f64 / 20.0;
+    let v2 = counts.get("v2").copied().unwrap_or(0) as f64 / 20.0;
+    assert!((87.0..=93.0).contains(&v1), "v1 got {v1}% ({counts:?})");
+    assert!((7.0..=13.0).contains(&v2), "v2 got {v2}% ({counts:?})");
+    Ok(())
+}
+
+#[tokio::test]
+async fn zero_weight_destination_gets_nothing_and_weights_need_not_sum_to_100() -> anyhow::Result<()>
+{
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &virtual_service(
+        "split",
+        &["zero.test", "thirds.test"],
+        "  - match: [{authority: {prefix: zero}}]\n    route:\n\
+         \x20   - {destination: {host: reviews, subset: v1}, weight: 0}\n\
+         \x20   - {destination: {host: reviews, subset: v2}, weight: 100}\n\
+         \x20 - route:\n    - {destination: {host: reviews, subset: v1}, weight: 1}\n\
+         \x20   - {destination: {host: reviews, subset: v2}, weight: 2}\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let counts = tally(port, "zero.test", 500).await?;
+    assert_eq!(counts.get("v2"), Some(&500), "{counts:?}");
+    let thirds = tally(port, "thirds.test", 600).await?;
+    let v2 = thirds.get("v2").copied().unwrap_or(0);
+    assert!((340..=460).contains(&v2), "weights 1:2 gave {thirds:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn dns_endpoints_resolve_localhost() -> anyhow::Result<()> {
+    let port = free_port();
+    let upstream = echo("by-dns").await?;
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ep}}\nspec:\n\
+         \x20 hosts: [api.external.test]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n\
+         \x20 resolution: DNS\n  endpoints: [{{address: localhost, ports: {{http: {}}}}}]\n",
+        upstream.port(),
+    );
+    yaml += &virtual_service(
+        "dns",
+        &["dns.test"],
+        "  - route: [{destination: {host: api.external.test}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    for _ in 0..5 {
+        assert_eq!(get(port, "dns.test", "/").await?.backend(), "by-dns");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn failures_get_precise_statuses() -> anyhow::Result<()> {
+    let port = free_port();
+    let closed_port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dead}}\n\
+         spec:\n  host: dead.svc\n  subsets: [{{name: none, labels: {{version: v9}}}}]\n{}",
+        service_entry_yaml("dead", "dead.svc", &[(SocketAddr::from(([127, 0, 0, 1], closed_port)), "version: v1")])
+    );
+    yaml += &virtual_service(
+        "errors",
+        &["err.test"],
+        "  - match: [{uri: {prefix: /empty-subset}}]\n    route: [{destination: {host: dead.svc, subset: none}}]\n\
+         \x20 - match: [{uri: {prefix: /refused}}]\n    route: [{destination: {host: dead.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let r = get(port, "err.test", "/empty-subset").await?;
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body
+            .as_str()
+            .unwrap_or("")
+            .contains("no healthy upstream"),
+        "{r:?}"
+    );
+    let r = get(port, "err.test", "/refused").await?;
+    assert_eq!(r.status, 503);
+    assert!(r.body.as_str().unwrap_or("").contains("connect"), "{r:?}");
+    let r = get(port, "nowhere.test", "/").await?;
+    assert_eq!(r.status, 404);
+    Ok(())
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_proxied() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &virtual_service(
+        "h2",
+        &["*"],
+        "  - route: [{destination: {host: app.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build()?;
+    let response = h2.get(format!("http://127.0.0.1:{port}/h2")).send().await?;
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["backend"], "app");
+    assert_eq!(body["path"], "/h2");
+    Ok(())
+}
