@@ -154,6 +154,17 @@ impl Origin {
         }
     }
 
+    /// The YAML path of the node written at `position` (a key or a value), if any.
+    pub fn path_at(&self, position: Position) -> Option<String> {
+        let index = self.file.index(self.document)?;
+        index
+            .paths
+            .iter()
+            .filter(|(_, p)| **p == position)
+            .map(|(path, _)| path.clone())
+            .max_by_key(String::len)
+    }
+
     /// A position serde_yaml reported inside this document, made relative to the whole file.
     pub fn file_position(&self, line_in_document: usize, column: usize) -> Position {
         let offset = self
@@ -192,6 +203,105 @@ fn parent_path(path: &str) -> Option<&str> {
     }
     let cut = path.rfind(['.', '[']).unwrap_or(0);
     Some(&path[..cut])
+}
+
+/// No Istio object nests anywhere near this deep; deeper input is refused before typed parsing.
+pub const MAX_DEPTH: usize = 64;
+
+/// Structural problems serde cannot see or would accept: keys written twice in one mapping (serde
+/// keeps a map's last value silently) and nesting deeper than [`MAX_DEPTH`]. Returns each problem
+/// with its position.
+pub fn structure_problems(text: &str, line_offset: usize) -> Vec<(Position, String)> {
+    #[derive(Default)]
+    struct Scan {
+        /// Per open container: for a mapping, the keys seen so far and whether a key is expected next.
+        stack: Vec<Option<(HashMap<String, usize>, bool)>>,
+        found: Vec<(Position, String)>,
+        line_offset: usize,
+        too_deep: bool,
+    }
+    impl Scan {
+        fn check_depth(&mut self, line: usize, column: usize) {
+            if self.stack.len() > MAX_DEPTH && !self.too_deep {
+                self.too_deep = true;
+                self.found.push((
+                    Position { line, column },
+                    format!("nesting is deeper than {MAX_DEPTH} levels"),
+                ));
+            }
+        }
+
+        fn value_done(&mut self) {
+            if let Some(Some((_, expecting_key))) = self.stack.last_mut() {
+                *expecting_key = true;
+            }
+        }
+    }
+    impl MarkedEventReceiver for Scan {
+        fn on_event(&mut self, event: Event, mark: Marker) {
+            let line = mark.line() + self.line_offset;
+            match event {
+                Event::Scalar(value, ..) => {
+                    if let Some(Some((keys, expecting_key))) = self.stack.last_mut() {
+                        if *expecting_key {
+                            *expecting_key = false;
+                            if let Some(first) = keys.get(&value) {
+                                let position = Position {
+                                    line,
+                                    column: mark.col() + 1,
+                                };
+                                let message = format!(
+                                    "duplicate key `{value}` (first written on line {first})"
+                                );
+                                self.found.push((position, message));
+                            } else {
+                                keys.insert(value, line);
+                            }
+                            return;
+                        }
+                    }
+                    self.value_done();
+                }
+                Event::Alias(_) => self.value_done(),
+                Event::MappingStart(..) => {
+                    if let Some(Some((_, expecting_key @ true))) = self.stack.last_mut() {
+                        // A complex key: not something configs use; treat it as an anonymous key.
+                        *expecting_key = false;
+                    }
+                    self.stack.push(Some((HashMap::new(), true)));
+                    self.check_depth(line, mark.col() + 1);
+                }
+                Event::SequenceStart(..) => {
+                    self.stack.push(None);
+                    self.check_depth(line, mark.col() + 1);
+                }
+                Event::MappingEnd | Event::SequenceEnd => {
+                    self.stack.pop();
+                    self.value_done();
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut scan = Scan {
+        line_offset,
+        ..Scan::default()
+    };
+    // Syntax errors are left to serde_yaml, which reports them with more context; the scanner's own
+    // flow-nesting limit is a depth problem and reported as one.
+    if let Err(e) = Parser::new_from_str(text).load(&mut scan, false) {
+        if e.to_string().contains("recursion limit") && !scan.too_deep {
+            let marker = e.marker();
+            scan.found.push((
+                Position {
+                    line: marker.line() + line_offset,
+                    column: marker.col() + 1,
+                },
+                format!("nesting is deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+    }
+    scan.found
 }
 
 /// Path → position of every node of one document.

@@ -158,6 +158,15 @@ impl ConfigSet {
                 continue;
             }
             real_documents += 1;
+            let span_offset = file.documents()[document].line_offset;
+            let problems = crate::source::structure_problems(text, span_offset);
+            let refused = !problems.is_empty();
+            for (position, message) in problems {
+                diagnostics.push(Diagnostic::error(file.path(), position, message));
+            }
+            if refused {
+                continue;
+            }
             match serde_yaml::from_str::<Header>(text) {
                 Ok(header) => self.add_document(&file, origin, header, diagnostics),
                 Err(error) => diagnostics.push(yaml_error(&origin, &error)),
@@ -262,13 +271,33 @@ fn is_blank_document(text: &str) -> bool {
 /// serde_yaml renders errors as `path: message at line L column C`; Sluice prints the position in
 /// front (`file:line:col:`) and names the path as a field.
 fn yaml_error(origin: &Origin, error: &serde_yaml::Error) -> Diagnostic {
+    let document = origin.file.document_text(origin.document);
+    let last_line = document.lines().count().max(1);
     let position = error
         .location()
-        .map(|l| origin.file_position(l.line(), l.column()))
+        // An error at the end of input is reported on the last line, where the reader will look.
+        .map(|l| origin.file_position(l.line().min(last_line), l.column()))
         .unwrap_or_else(|| origin.position_of(""));
     // Positions inside the message are relative to the document, not the file; the diagnostic
     // carries the right one in front.
-    let text = strip_marks(&error.to_string());
+    let mut text = strip_marks(&error.to_string());
+    if text.contains(istio::NOT_SUPPORTED) {
+        // serde_yaml names the enclosing mapping; name the field itself, found by its position.
+        if let Some(path) = origin.path_at(position) {
+            return Diagnostic::error(
+                origin.file_name(),
+                position,
+                format!("`{path}` {}", istio::NOT_SUPPORTED),
+            );
+        }
+    }
+    let line_text = document
+        .lines()
+        .nth(error.location().map_or(0, |l| l.line().saturating_sub(1)))
+        .unwrap_or("");
+    if line_text.contains('\t') {
+        text.push_str(" (this line has a tab: YAML indents with spaces only)");
+    }
     let message = match text.split_once(": ") {
         Some((path, rest)) if !path.contains(' ') => {
             if rest.starts_with("is ") {
