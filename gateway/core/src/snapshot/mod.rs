@@ -435,12 +435,15 @@ pub fn summary(snapshot: &Snapshot) -> String {
         .iter()
         .map(|l| l.virtual_hosts.len())
         .sum();
-    let routes: usize = snapshot
+    // A route shared by several hosts (aliases, several VirtualService hosts) counts once.
+    let routes = snapshot
         .listeners
         .iter()
         .flat_map(|l| &l.virtual_hosts)
-        .map(|v| v.routes.len())
-        .sum();
+        .flat_map(|v| &v.routes)
+        .map(Arc::as_ptr)
+        .collect::<HashSet<_>>()
+        .len();
     let ports: Vec<String> = snapshot
         .listeners
         .iter()
