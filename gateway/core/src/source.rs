@@ -154,6 +154,11 @@ impl Origin {
         }
     }
 
+    /// Where the key at `path` is written for the second time in its mapping.
+    pub fn repeat_of(&self, path: &str) -> Option<Position> {
+        self.file.index(self.document)?.repeats.get(path).copied()
+    }
+
     /// The YAML path of the node written at `position` (a key or a value), if any.
     pub fn path_at(&self, position: Position) -> Option<String> {
         let index = self.file.index(self.document)?;
@@ -205,109 +210,47 @@ fn parent_path(path: &str) -> Option<&str> {
     Some(&path[..cut])
 }
 
-/// No Istio object nests anywhere near this deep; deeper input is refused before typed parsing.
-pub const MAX_DEPTH: usize = 64;
+/// No Istio object nests flow collections (`[..]`, `{..}`) anywhere near this deep.
+pub const MAX_FLOW_DEPTH: usize = 64;
 
-/// Structural problems serde cannot see or would accept: keys written twice in one mapping (serde
-/// keeps a map's last value silently) and nesting deeper than [`MAX_DEPTH`]. Returns each problem
-/// with its position.
-pub fn structure_problems(text: &str, line_offset: usize) -> Vec<(Position, String)> {
-    #[derive(Default)]
-    struct Scan {
-        /// Per open container: for a mapping, the keys seen so far and whether a key is expected next.
-        stack: Vec<Option<(HashMap<String, usize>, bool)>>,
-        found: Vec<(Position, String)>,
-        line_offset: usize,
-        too_deep: bool,
-    }
-    impl Scan {
-        fn check_depth(&mut self, line: usize, column: usize) {
-            if self.stack.len() > MAX_DEPTH && !self.too_deep {
-                self.too_deep = true;
-                self.found.push((
-                    Position { line, column },
-                    format!("nesting is deeper than {MAX_DEPTH} levels"),
-                ));
-            }
-        }
-
-        fn value_done(&mut self) {
-            if let Some(Some((_, expecting_key))) = self.stack.last_mut() {
-                *expecting_key = true;
-            }
-        }
-    }
-    impl MarkedEventReceiver for Scan {
-        fn on_event(&mut self, event: Event, mark: Marker) {
-            let line = mark.line() + self.line_offset;
-            match event {
-                Event::Scalar(value, ..) => {
-                    if let Some(Some((keys, expecting_key))) = self.stack.last_mut() {
-                        if *expecting_key {
-                            *expecting_key = false;
-                            if let Some(first) = keys.get(&value) {
-                                let position = Position {
-                                    line,
-                                    column: mark.col() + 1,
-                                };
-                                let message = format!(
-                                    "duplicate key `{value}` (first written on line {first})"
-                                );
-                                self.found.push((position, message));
-                            } else {
-                                keys.insert(value, line);
-                            }
-                            return;
-                        }
+/// Finds where flow brackets nest deeper than [`MAX_FLOW_DEPTH`], in one linear pass that skips
+/// quoted strings and comments. libyaml's scanner slows down quadratically with flow depth, so
+/// hostile nesting is refused before it is parsed.
+pub fn flow_too_deep(text: &str) -> Option<Position> {
+    let mut depth = 0usize;
+    for (line_number, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for (column, c) in line.char_indices() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if previous == ' ' || previous == '\t' => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Some(Position {
+                            line: line_number + 1,
+                            column: column + 1,
+                        });
                     }
-                    self.value_done();
                 }
-                Event::Alias(_) => self.value_done(),
-                Event::MappingStart(..) => {
-                    if let Some(Some((_, expecting_key @ true))) = self.stack.last_mut() {
-                        // A complex key: not something configs use; treat it as an anonymous key.
-                        *expecting_key = false;
-                    }
-                    self.stack.push(Some((HashMap::new(), true)));
-                    self.check_depth(line, mark.col() + 1);
-                }
-                Event::SequenceStart(..) => {
-                    self.stack.push(None);
-                    self.check_depth(line, mark.col() + 1);
-                }
-                Event::MappingEnd | Event::SequenceEnd => {
-                    self.stack.pop();
-                    self.value_done();
-                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
                 _ => {}
             }
+            previous = c;
         }
     }
-    let mut scan = Scan {
-        line_offset,
-        ..Scan::default()
-    };
-    // Syntax errors are left to serde_yaml, which reports them with more context; the scanner's own
-    // flow-nesting limit is a depth problem and reported as one.
-    if let Err(e) = Parser::new_from_str(text).load(&mut scan, false) {
-        if e.to_string().contains("recursion limit") && !scan.too_deep {
-            let marker = e.marker();
-            scan.found.push((
-                Position {
-                    line: marker.line() + line_offset,
-                    column: marker.col() + 1,
-                },
-                format!("nesting is deeper than {MAX_DEPTH} levels"),
-            ));
-        }
-    }
-    scan.found
+    None
 }
 
 /// Path → position of every node of one document.
 #[derive(Debug, Default)]
 struct PathIndex {
     paths: HashMap<String, Position>,
+    /// Where a mapping key is written a second time, by its path.
+    repeats: HashMap<String, Position>,
     start: Option<Position>,
     line_offset: usize,
 }
@@ -330,6 +273,8 @@ impl PathIndex {
         self.paths.get(path).copied()
     }
 }
+
+const MAX_INDEXED_DEPTH: usize = 128;
 
 enum Frame {
     Mapping {
@@ -369,6 +314,11 @@ impl IndexBuilder {
     /// A node starts at `mark`: if it is a mapping key, remember it; otherwise record its path and
     /// return it so a container can push a frame.
     fn node(&mut self, mark: Marker, scalar_key: Option<&str>) -> Option<String> {
+        // Paths grow with depth; past any depth a real config has, stop indexing (input that deep is
+        // refused anyway, and indexing it would cost quadratic time).
+        if self.stack.len() > MAX_INDEXED_DEPTH {
+            return None;
+        }
         let position = self.index.position(mark);
         let (path, at) = match self.stack.last_mut() {
             None => (String::new(), position),
@@ -385,7 +335,11 @@ impl IndexBuilder {
                 }
             },
         };
-        self.index.paths.entry(path.clone()).or_insert(at);
+        if self.index.paths.contains_key(&path) {
+            self.index.repeats.entry(path.clone()).or_insert(at);
+        } else {
+            self.index.paths.insert(path.clone(), at);
+        }
         Some(path)
     }
 }
@@ -456,6 +410,25 @@ mod tests {
             Position { line: 5, column: 7 }
         );
         assert_eq!(o.position_of("spec"), Position { line: 2, column: 1 });
+    }
+
+    #[test]
+    fn flow_depth_ignores_quoted_brackets_and_comments() {
+        let quoted = format!(
+            "a: '{}'\nb: \"{}\" # {}\n",
+            "[".repeat(100),
+            "{".repeat(100),
+            "[".repeat(100)
+        );
+        assert_eq!(flow_too_deep(&quoted), None);
+        let deep = format!("a: {}", "[".repeat(65));
+        assert_eq!(
+            flow_too_deep(&deep),
+            Some(Position {
+                line: 1,
+                column: 68
+            })
+        );
     }
 
     #[test]

@@ -424,7 +424,7 @@ impl Validator<'_> {
                 endpoints.push(WorkloadEndpoint {
                     address,
                     ports: endpoint_ports,
-                    labels: e.labels.clone(),
+                    labels: e.labels.0.clone(),
                 });
             }
             if spec.endpoints.is_empty() && resolution == istio::Resolution::Static {
@@ -511,7 +511,7 @@ impl Validator<'_> {
                     self.error(at(&path), message);
                     continue;
                 }
-                subsets.insert(key, subset.labels.clone());
+                subsets.insert(key, subset.labels.0.clone());
             }
         }
         subsets
@@ -731,7 +731,7 @@ impl Validator<'_> {
         let scheme = single(self, "scheme", &m.scheme);
         let method = single(self, "method", &m.method);
         let authority = single(self, "authority", &m.authority);
-        let mut header_list = |v: &mut Self, field: &str, map: &BTreeMap<String, StringMatch>| {
+        let mut header_list = |v: &mut Self, field: &str, map: &istio::UniqueMap<StringMatch>| {
             let mut out = Vec::new();
             for (name, sm) in map {
                 let path = format!("{base}.{field}.{name}");
@@ -923,7 +923,7 @@ impl Validator<'_> {
             return Some(HeaderOps::default());
         };
         let mut ok = true;
-        let mut pairs = |v: &mut Self, field: &str, map: &BTreeMap<String, String>| {
+        let mut pairs = |v: &mut Self, field: &str, map: &istio::UniqueMap<String>| {
             let mut out = Vec::new();
             for (name, value) in map {
                 let path = format!("{base}.{field}.{name}");

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::de::{Deserializer, Error as _, IgnoredAny};
+use serde::de::{Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
 /// A field that exists in Istio's API but that Sluice does not implement yet. Deserializing one is an
@@ -24,18 +24,70 @@ impl<'de> Deserialize<'de> for NotSupported {
 }
 
 /// A field Istio has that means nothing for a standalone gateway (for example `exportTo`). It is
-/// accepted so that configs written for Istio load unchanged; the README lists each one.
+/// accepted so that configs written for Istio load unchanged; the README lists each one. It is read
+/// as a YAML value (and dropped) rather than skipped, so serde_yaml's nesting and alias-expansion
+/// limits apply to it like to every other field.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NoEffect;
 
 impl<'de> Deserialize<'de> for NoEffect {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        IgnoredAny::deserialize(deserializer)?;
+        serde_yaml::Value::deserialize(deserializer)?;
         Ok(NoEffect)
     }
 }
 
-pub type Labels = BTreeMap<String, String>;
+/// A string-keyed map that refuses a key written twice. A plain map would keep the last value
+/// silently, and a header rule or a label written twice is almost always a mistake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueMap<V>(pub BTreeMap<String, V>);
+
+impl<V> Default for UniqueMap<V> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
+}
+
+impl<V> std::ops::Deref for UniqueMap<V> {
+    type Target = BTreeMap<String, V>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'a, V> IntoIterator for &'a UniqueMap<V> {
+    type Item = (&'a String, &'a V);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, V>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct UniqueVisitor<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for UniqueVisitor<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+                let mut map = BTreeMap::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    if map.contains_key(&key) {
+                        return Err(A::Error::custom(format!("duplicate key `{key}`")));
+                    }
+                    let value = access.next_value()?;
+                    map.insert(key, value);
+                }
+                Ok(UniqueMap(map))
+            }
+        }
+        deserializer.deserialize_map(UniqueVisitor(std::marker::PhantomData))
+    }
+}
+
+pub type Labels = UniqueMap<String>;
 
 // ---------------------------------------------------------------- Gateway
 
@@ -193,17 +245,17 @@ pub struct HttpMatchRequest {
     #[serde(default)]
     pub authority: Option<StringMatch>,
     #[serde(default)]
-    pub headers: BTreeMap<String, StringMatch>,
+    pub headers: UniqueMap<StringMatch>,
     #[serde(default)]
     pub port: Option<i64>,
     #[serde(default)]
     pub gateways: Option<Vec<String>>,
     #[serde(default)]
-    pub query_params: BTreeMap<String, StringMatch>,
+    pub query_params: UniqueMap<StringMatch>,
     #[serde(default)]
     pub ignore_uri_case: bool,
     #[serde(default)]
-    pub without_headers: BTreeMap<String, StringMatch>,
+    pub without_headers: UniqueMap<StringMatch>,
     #[serde(default)]
     pub source_labels: Option<NotSupported>,
     #[serde(default)]
@@ -251,9 +303,9 @@ pub struct Headers {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderOperations {
     #[serde(default)]
-    pub set: BTreeMap<String, String>,
+    pub set: UniqueMap<String>,
     #[serde(default)]
-    pub add: BTreeMap<String, String>,
+    pub add: UniqueMap<String>,
     #[serde(default)]
     pub remove: Vec<String>,
 }
@@ -396,7 +448,7 @@ pub struct WorkloadEntry {
     #[serde(default)]
     pub address: Option<String>,
     #[serde(default)]
-    pub ports: BTreeMap<String, i64>,
+    pub ports: UniqueMap<i64>,
     #[serde(default)]
     pub labels: Labels,
     #[serde(default)]

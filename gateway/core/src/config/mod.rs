@@ -8,7 +8,6 @@
 pub mod istio;
 pub mod settings;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,9 +40,9 @@ pub struct ObjectMeta {
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: istio::Labels,
     #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
+    pub annotations: istio::Labels,
     #[serde(default)]
     pub uid: Option<istio::NoEffect>,
     #[serde(default)]
@@ -158,16 +157,18 @@ impl ConfigSet {
                 continue;
             }
             real_documents += 1;
-            let span_offset = file.documents()[document].line_offset;
-            let problems = crate::source::structure_problems(text, span_offset);
-            let refused = !problems.is_empty();
-            for (position, message) in problems {
-                diagnostics.push(Diagnostic::error(file.path(), position, message));
-            }
-            if refused {
+            if let Some(at) = crate::source::flow_too_deep(text) {
+                diagnostics.push(Diagnostic::error(
+                    file.path(),
+                    origin.file_position(at.line, at.column),
+                    format!(
+                        "nesting is deeper than {} levels",
+                        crate::source::MAX_FLOW_DEPTH
+                    ),
+                ));
                 continue;
             }
-            match serde_yaml::from_str::<Header>(text) {
+            match peek_header(text).map_or_else(|| serde_yaml::from_str::<Header>(text), Ok) {
                 Ok(header) => self.add_document(&file, origin, header, diagnostics),
                 Err(error) => diagnostics.push(yaml_error(&origin, &error)),
             }
@@ -259,6 +260,46 @@ fn push_typed<T: DeserializeOwned + Default>(
     }
 }
 
+/// Reads `apiVersion` and `kind` from a document's top-level block lines, which is how nearly every
+/// config writes them, without parsing the whole document a second time. Returns `None` (and the
+/// caller parses properly) for anything less plain: flow style, anchors, multi-line values.
+fn peek_header(text: &str) -> Option<Header> {
+    let mut api_version = None;
+    let mut kind = None;
+    for line in text.lines() {
+        let (key, rest) = match line.split_once(':') {
+            Some((key @ ("apiVersion" | "kind"), rest)) => (key, rest),
+            _ => continue,
+        };
+        let value = rest.split(" #").next().unwrap_or("").trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        let plain = !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '-' | '_'));
+        if !plain {
+            return None;
+        }
+        let slot = if key == "kind" {
+            &mut kind
+        } else {
+            &mut api_version
+        };
+        if slot.replace(value.to_string()).is_some() {
+            // Written twice: let serde report the duplicate.
+            return None;
+        }
+    }
+    Some(Header {
+        api_version: Some(api_version?),
+        kind: Some(kind?),
+    })
+}
+
 /// A document of nothing but a marker, comments and blank lines (a trailing `---`, a commented-out
 /// object) holds no configuration.
 fn is_blank_document(text: &str) -> bool {
@@ -291,6 +332,9 @@ fn yaml_error(origin: &Origin, error: &serde_yaml::Error) -> Diagnostic {
             );
         }
     }
+    if let Some(diagnostic) = duplicate_key_error(origin, &text) {
+        return diagnostic;
+    }
     let line_text = document
         .lines()
         .nth(error.location().map_or(0, |l| l.line().saturating_sub(1)))
@@ -309,6 +353,33 @@ fn yaml_error(origin: &Origin, error: &serde_yaml::Error) -> Diagnostic {
         _ => text,
     };
     Diagnostic::error(origin.file_name(), position, message)
+}
+
+/// serde reports a repeated key at the enclosing mapping (or nowhere); point at the repeat instead.
+fn duplicate_key_error(origin: &Origin, message: &str) -> Option<Diagnostic> {
+    let (path, rest) = match message.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => (path, rest),
+        _ => ("", message),
+    };
+    let key = rest
+        .strip_prefix("duplicate field `")
+        .or_else(|| rest.strip_prefix("duplicate key `"))?
+        .strip_suffix('`')?;
+    let full = if path.is_empty() || path == "." {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    };
+    let repeat = origin.repeat_of(&full)?;
+    let first = origin.position_of(&full);
+    Some(Diagnostic::error(
+        origin.file_name(),
+        repeat,
+        format!(
+            "duplicate key `{full}` (first written on line {})",
+            first.line
+        ),
+    ))
 }
 
 /// Removes every ` at line N column M` from a serde_yaml/libyaml message.
