@@ -282,7 +282,7 @@ pub struct VirtualService {
     pub namespace: String,
     pub hosts: Vec<HostPattern>,
     pub bindings: Vec<Binding>,
-    pub http: Vec<HttpRoute>,
+    pub http: Vec<std::sync::Arc<HttpRoute>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

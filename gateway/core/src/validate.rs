@@ -583,7 +583,7 @@ impl Validator<'_> {
                 subsets,
             };
             if let Some(compiled) = self.http_route(&ctx, route, &doc.id(), i) {
-                http.push(compiled);
+                http.push(std::sync::Arc::new(compiled));
             }
             if catch_all_at.is_none() && matches_everything(route) {
                 catch_all_at = Some(i);

@@ -52,7 +52,7 @@ pub struct VirtualHost {
 /// One route as compiled for one Gateway: `match` blocks that name other gateways are dropped.
 #[derive(Debug)]
 pub struct Route {
-    pub def: HttpRoute,
+    pub def: Arc<HttpRoute>,
     pub targets: Vec<Target>,
     total_weight: u32,
 }
@@ -319,20 +319,29 @@ impl Compiler {
     }
 
     /// The VirtualService's routes as seen through one gateway (`match.gateways` applied).
-    fn routes_for(&mut self, model: &Model, http: &[HttpRoute], gateway: &str) -> Vec<Arc<Route>> {
+    fn routes_for(
+        &mut self,
+        model: &Model,
+        http: &[Arc<HttpRoute>],
+        gateway: &str,
+    ) -> Vec<Arc<Route>> {
         let mut out = Vec::new();
         for def in http {
-            let mut def = def.clone();
-            if !def.matches.is_empty() {
-                def.matches.retain(|m| {
+            // Most routes do not name gateways in `match` and are shared as they are.
+            let def = if def.matches.iter().any(|m| m.gateways.is_some()) {
+                let mut own = HttpRoute::clone(def);
+                own.matches.retain(|m| {
                     m.gateways
                         .as_ref()
                         .is_none_or(|g| g.iter().any(|name| name == gateway))
                 });
-                if def.matches.is_empty() {
+                if own.matches.is_empty() {
                     continue;
                 }
-            }
+                Arc::new(own)
+            } else {
+                def.clone()
+            };
             let mut targets = Vec::new();
             let mut cumulative = 0u32;
             if let Action::Forward(destinations) = &def.action {
