@@ -94,14 +94,14 @@ pub fn query_value<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
 }
 
 /// The request path after a `rewrite.uri` / `uriRegexRewrite`, following Envoy, which Istio
-/// configures: a prefix match's prefix is replaced; an exact match replaces the whole path; a regex
-/// match or no uri match behaves like a match on the prefix `/`.
+/// configures: a prefix match's prefix is replaced; an exact or regex match replaces the whole path;
+/// without a uri match the route matches the prefix `/`, so that `/` is replaced.
 pub fn rewrite_path(rewrite: &UriRewrite, path: &str, matched: Option<&RouteMatch>) -> String {
     match rewrite {
         UriRewrite::Prefix(replacement) => {
             let matched_len = match matched.and_then(|m| m.uri.as_ref()) {
                 Some(StrMatch::Prefix(prefix)) => prefix.len().min(path.len()),
-                Some(StrMatch::Exact(_)) => path.len(),
+                Some(StrMatch::Exact(_) | StrMatch::Regex(_)) => path.len(),
                 _ => 1.min(path.len()),
             };
             let rest = path.get(matched_len..).unwrap_or("");
@@ -191,6 +191,11 @@ mod tests {
         let r = UriRewrite::Prefix("/v2/".into());
         assert_eq!(rewrite_path(&r, "/api/users", Some(&m)), "/v2/users");
         assert_eq!(rewrite_path(&r, "/x", None), "/v2/x");
+        let by_regex = RouteMatch {
+            uri: Some(StrMatch::Regex(regex::Regex::new("^/a/[0-9]+$").unwrap())),
+            ..Default::default()
+        };
+        assert_eq!(rewrite_path(&r, "/a/12", Some(&by_regex)), "/v2/");
     }
 
     #[test]
