@@ -498,3 +498,43 @@ async fn h2c_prior_knowledge_is_proxied() -> anyhow::Result<()> {
     assert_eq!(body["path"], "/h2");
     Ok(())
 }
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_resets_give_502() -> anyhow::Result<()> {
+    let port = free_port();
+    // An upstream that accepts connections and closes them without answering.
+    let resetter = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let reset_addr = resetter.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = resetter.accept().await {
+            drop(stream);
+        }
+    });
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &service_entry_yaml("reset", "reset.svc", &[(reset_addr, "")]);
+    yaml += &virtual_service(
+        "pool",
+        &["pool.test"],
+        "  - match: [{uri: {prefix: /reset}}]\n    route: [{destination: {host: reset.svc}}]\n\
+         \x20 - route: [{destination: {host: app.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let mut connections = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let r = get(port, "pool.test", "/").await?;
+        connections.insert(r.body["connection"].as_u64().unwrap_or(0));
+    }
+    // 50 sequential requests, one downstream client at a time: the upstream connection is reused.
+    assert!(
+        connections.len() <= 2,
+        "upstream connections used: {connections:?}"
+    );
+    let r = get(port, "pool.test", "/reset").await?;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.body.as_str().unwrap_or("").contains("upstream reset"),
+        "{r:?}"
+    );
+    Ok(())
+}

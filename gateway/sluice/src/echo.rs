@@ -19,13 +19,17 @@ use tokio::net::TcpListener;
 pub fn spawn(name: String, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let name: std::sync::Arc<str> = name.into();
+        // Numbers connections so clients can see whether a proxy reuses them.
+        let mut connections = 0u64;
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            connections += 1;
+            let connection = connections;
             let name = name.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| answer(name.clone(), req));
+                let service = service_fn(move |req| answer(name.clone(), connection, req));
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let _ = builder
                     .serve_connection(TokioIo::new(stream), service)
@@ -45,6 +49,7 @@ pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<SocketAddr> 
 
 async fn answer(
     name: std::sync::Arc<str>,
+    connection: u64,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
@@ -65,6 +70,7 @@ async fn answer(
         .collect();
     let report = serde_json::json!({
         "backend": &*name,
+        "connection": connection,
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
         "query": parts.uri.query(),
