@@ -27,6 +27,9 @@ pub struct Loaded {
     pub model: Option<Model>,
     /// Every error and warning, in file order.
     pub diagnostics: Diagnostics,
+    /// See [`ConfigSet::fingerprint`].
+    pub fingerprint: u64,
+    pub files: Vec<PathBuf>,
 }
 
 impl Loaded {
@@ -55,5 +58,10 @@ fn check(set: ConfigSet, mut diagnostics: Diagnostics) -> Loaded {
     } else {
         validate::validate(&set, &mut diagnostics)
     };
-    Loaded { model, diagnostics }
+    Loaded {
+        model,
+        diagnostics,
+        fingerprint: set.fingerprint,
+        files: set.files,
+    }
 }

@@ -367,10 +367,46 @@ pub struct WorkloadEndpoint {
 pub struct Settings {
     pub bind_address: IpAddr,
     pub admin_address: SocketAddr,
+    /// `None`: `<certs_dir>/admin.token`.
+    pub admin_token_file: Option<std::path::PathBuf>,
     pub certs_dir: std::path::PathBuf,
     pub mesh_port: Option<u16>,
     pub dns_refresh: Duration,
     pub threads: usize,
+    pub proxy_protocol: Option<ProxyProtocolSettings>,
+    pub num_trusted_proxies: u32,
+    pub drain: Duration,
+    pub shutdown_timeout: Duration,
+    pub health_port: Option<u16>,
+    pub upgrade_socket: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocolSettings {
+    pub trusted: Vec<ipnet::IpNet>,
+    pub allow_without_header: bool,
+    /// `None`: every listener.
+    pub ports: Option<Vec<u16>>,
+}
+
+impl ProxyProtocolSettings {
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn applies_to(&self, port: u16) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port))
+    }
+}
+
+impl Settings {
+    pub fn admin_token_path(&self) -> std::path::PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.certs_dir.join("admin.token"))
+    }
 }
 
 impl Default for Settings {
@@ -378,12 +414,19 @@ impl Default for Settings {
         Self {
             bind_address: IpAddr::from([0, 0, 0, 0]),
             admin_address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            admin_token_file: None,
             certs_dir: "certs".into(),
             mesh_port: None,
             dns_refresh: Duration::from_secs(5),
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            proxy_protocol: None,
+            num_trusted_proxies: 0,
+            drain: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            health_port: None,
+            upgrade_socket: "/tmp/sluice-upgrade.sock".into(),
         }
     }
 }

@@ -51,6 +51,10 @@ impl SourceFile {
         &self.path
     }
 
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     pub fn documents(&self) -> &[DocumentSpan] {
         &self.documents
     }

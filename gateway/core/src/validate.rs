@@ -141,6 +141,81 @@ impl Validator<'_> {
                 _ => self.error(at("spec.threads"), "threads must be between 1 and 256"),
             }
         }
+        if let Some(token_file) = spec.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+            settings.admin_token_file = Some(token_file.into());
+        }
+        if let Some(pp) = &spec.proxy_protocol {
+            let mut trusted = Vec::new();
+            for (i, cidr) in pp.trusted_cidrs.iter().enumerate() {
+                let parsed = cidr
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| cidr.parse::<IpAddr>().map(ipnet::IpNet::from));
+                match parsed {
+                    Ok(net) => trusted.push(net),
+                    Err(_) => self.error(
+                        at(&format!("spec.proxyProtocol.trustedCidrs[{i}]")),
+                        format!(
+                            "`{cidr}` is not a CIDR (examples: 10.0.0.0/8, 127.0.0.1/32, ::1/128)"
+                        ),
+                    ),
+                }
+            }
+            if pp.trusted_cidrs.is_empty() {
+                self.error(
+                    at("spec.proxyProtocol"),
+                    "`trustedCidrs` is required: PROXY headers are only believed from these sources",
+                );
+            }
+            let ports = pp.ports.as_ref().map(|list| {
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| {
+                        self.port(*p, at(&format!("spec.proxyProtocol.ports[{i}]")))
+                    })
+                    .collect()
+            });
+            settings.proxy_protocol = Some(ProxyProtocolSettings {
+                trusted,
+                allow_without_header: pp.allow_without_header,
+                ports,
+            });
+        }
+        if let Some(n) = spec.num_trusted_proxies {
+            match u32::try_from(n) {
+                Ok(n @ 0..=16) => settings.num_trusted_proxies = n,
+                _ => self.error(
+                    at("spec.numTrustedProxies"),
+                    "numTrustedProxies must be between 0 and 16",
+                ),
+            }
+        }
+        for (field, value, slot, max) in [
+            (
+                "spec.drainSeconds",
+                spec.drain_seconds,
+                &mut settings.drain,
+                3600,
+            ),
+            (
+                "spec.shutdownTimeoutSeconds",
+                spec.shutdown_timeout_seconds,
+                &mut settings.shutdown_timeout,
+                3600,
+            ),
+        ] {
+            if let Some(seconds) = value {
+                match u64::try_from(seconds) {
+                    Ok(s) if s <= max => *slot = Duration::from_secs(s),
+                    _ => self.error(at(field), format!("must be between 0 and {max} seconds")),
+                }
+            }
+        }
+        if let Some(port) = spec.health_port {
+            settings.health_port = self.port(port, at("spec.healthPort"));
+        }
+        if let Some(socket) = &spec.upgrade_socket {
+            settings.upgrade_socket = socket.into();
+        }
         settings
     }
 

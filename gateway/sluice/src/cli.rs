@@ -26,9 +26,14 @@ pub struct Cli {
 pub enum Command {
     /// Serve traffic with the config in the given files or directories.
     Run {
-        /// A YAML file, or a directory of *.yaml/*.yml files. Repeat for several.
+        /// A YAML file, or a directory of *.yaml/*.yml files. Repeat for several. Edits are
+        /// picked up automatically (and on SIGHUP); a config with errors is never applied.
         #[arg(short, long = "config", value_name = "PATH", default_value = "configs")]
         configs: Vec<PathBuf>,
+        /// Take the listening sockets over from a running Sluice: start this, then send the old
+        /// process SIGQUIT. No connection is refused during the switch.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Check config and print every problem as file:line:col: message (exit 1 on errors).
     Validate {
@@ -57,7 +62,7 @@ pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match cli.command {
         Command::Validate { configs } => Ok(validate(&configs)),
-        Command::Run { configs } => run(&configs),
+        Command::Run { configs, upgrade } => run(&configs, upgrade),
         Command::Demo { port } => demo(port),
         Command::Echo { name, listen } => echo(name, listen),
     };
@@ -104,16 +109,22 @@ fn validate(configs: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn serve(snapshot: Snapshot) -> anyhow::Result<ExitCode> {
-    log::info!("config: {}", summary(&snapshot));
-    let (server, _live) = crate::server::build(snapshot)?;
-    server.run_forever()
+fn serve(startup: crate::server::Startup) -> anyhow::Result<ExitCode> {
+    log::info!("config: {}", summary(&startup.snapshot));
+    crate::server::run(startup)?;
+    Ok(ExitCode::SUCCESS)
 }
 
-fn run(configs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn run(configs: &[PathBuf], upgrade: bool) -> anyhow::Result<ExitCode> {
     let loaded = sluice_core::load_paths(configs);
     match report(&loaded, false) {
-        Some(snapshot) => serve(snapshot),
+        Some(snapshot) => serve(crate::server::Startup {
+            snapshot,
+            paths: configs.to_vec(),
+            files: loaded.files.clone(),
+            fingerprint: loaded.fingerprint,
+            upgrade,
+        }),
         None => {
             eprintln!(
                 "sluice: config has {} error(s); nothing started",
@@ -132,7 +143,13 @@ fn demo(port: u16) -> anyhow::Result<ExitCode> {
     println!("  Gateway:  http://127.0.0.1:{port}/");
     println!("  Try:      for i in $(seq 20); do curl -s http://127.0.0.1:{port}/ | grep -o '\"backend\":\"v[12]\"'; done | sort | uniq -c");
     println!("  Stop:     Ctrl-C");
-    serve(snapshot)
+    serve(crate::server::Startup {
+        snapshot,
+        paths: Vec::new(),
+        files: Vec::new(),
+        fingerprint: loaded.fingerprint,
+        upgrade: false,
+    })
 }
 
 fn echo(name: String, listen: std::net::SocketAddr) -> anyhow::Result<ExitCode> {

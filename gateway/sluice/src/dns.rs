@@ -57,6 +57,34 @@ impl DnsCache {
     }
 }
 
+impl DnsCache {
+    /// Resolves only the names that have no addresses yet (after a reload added them).
+    pub async fn refresh_missing(&self, names: &[String]) {
+        let missing: Vec<String> = {
+            let resolved = self.resolved.load();
+            names
+                .iter()
+                .filter(|n| !resolved.contains_key(*n))
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        for name in &missing {
+            if let Ok(addrs) = resolve(name).await {
+                if !addrs.is_empty() {
+                    self.resolved.rcu(|current| {
+                        let mut next = HashMap::clone(current);
+                        next.insert(name.clone(), addrs.clone());
+                        next
+                    });
+                }
+            }
+        }
+    }
+}
+
 async fn resolve(name: &str) -> std::io::Result<Arc<[IpAddr]>> {
     let lookup = tokio::net::lookup_host((name, 0));
     let addrs: Vec<IpAddr> = tokio::time::timeout(Duration::from_secs(5), lookup)

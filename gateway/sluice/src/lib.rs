@@ -3,15 +3,21 @@
 //! This crate is the I/O half of the data flow; `sluice-core` is the pure half.
 //! ```text
 //! cli ─▶ sluice_core::load_paths ─▶ Snapshot ─▶ state::Live (ArcSwap) ─▶ server (Pingora services)
-//!                                                     │ load() per request
-//!                                                     ▼
-//!                                               proxy::GatewayProxy ─▶ upstream (dns)
+//!            ▲ reload (files, SIGHUP, admin)                   │ load() per request
+//!            └──────────────────────────────                  ▼
+//!   proxy_protocol (client address) ─▶ proxy::GatewayProxy ─▶ upstream endpoint (static / dns)
+//!   admin (health, status, metrics) · lifecycle (drain, upgrade) · dns (refresh)
 //! ```
 
+pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod dns;
 pub mod echo;
+pub mod lifecycle;
+pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod state;

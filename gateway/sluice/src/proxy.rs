@@ -32,6 +32,8 @@ pub struct GatewayProxy {
 /// Per-request state: the generation this request uses from start to end, and what routing chose.
 #[derive(Default)]
 pub struct RequestCtx {
+    /// Held for the whole request so shutdown can wait for it.
+    _in_flight: Option<crate::state::InFlight>,
     generation: Option<Arc<Generation>>,
     route: Option<Arc<Route>>,
     matched: Option<usize>,
@@ -134,6 +136,7 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx._in_flight = Some(self.live.request_started());
         let generation = self.live.current();
         let info = request_info(session.req_header(), self.port);
         let lookup = generation.snapshot.route(&info);

@@ -1,28 +1,42 @@
-//! Assembling the Pingora server from a compiled snapshot: one proxy service per listener port,
-//! plus the DNS refresher.
+//! Assembling and running the Pingora server from the first compiled snapshot: one proxy service per
+//! listener port, the reloader, the admin API, the DNS refresher and the lifecycle hooks.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use log::info;
 use pingora::apps::HttpServerOptions;
-use pingora::proxy::ProxyServiceBuilder;
-use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
-use sluice_core::model::ServerProtocol;
+use pingora::services::listening::Service;
 use sluice_core::snapshot::Snapshot;
 
+use crate::admin::{load_or_create_token, AdminService};
 use crate::dns::DnsRefresher;
+use crate::lifecycle::{watch_phases, Signals};
 use crate::proxy::GatewayProxy;
+use crate::proxy_protocol::ProxyProtocolApp;
+use crate::reload::{ReloadService, Reloader};
 use crate::state::Live;
 
-/// Builds the server for `snapshot`, resolving its DNS names once before any listener opens so the
-/// first requests do not fail while the resolver warms up.
-pub fn build(snapshot: Snapshot) -> anyhow::Result<(Server, Arc<Live>)> {
-    let threads = snapshot.settings.threads;
-    let bind = snapshot.settings.bind_address;
-    let live = Live::new(snapshot);
+/// What `sluice run` was started with.
+pub struct Startup {
+    pub snapshot: Snapshot,
+    /// Config paths to watch and reload from (empty for the built-in demo).
+    pub paths: Vec<PathBuf>,
+    pub files: Vec<PathBuf>,
+    pub fingerprint: u64,
+    /// Take the listening sockets over from a running Sluice (graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Builds the server and runs it until shutdown. DNS names are resolved once before listeners
+/// open so the first requests do not fail while the resolver warms up.
+pub fn run(startup: Startup) -> anyhow::Result<()> {
+    let settings = startup.snapshot.settings.clone();
+    let live = Live::new(startup.snapshot, startup.files).context("creating metrics")?;
     let names = live.current().snapshot.dns_names().to_vec();
     if !names.is_empty() {
         tokio::runtime::Builder::new_current_thread()
@@ -31,15 +45,22 @@ pub fn build(snapshot: Snapshot) -> anyhow::Result<(Server, Arc<Live>)> {
             .context("starting the DNS warm-up runtime")?
             .block_on(live.dns.refresh(&names));
     }
+    let token: Arc<str> = load_or_create_token(&settings.admin_token_path())?.into();
 
     let conf = ServerConf {
-        threads,
-        // Istio's default drain is 5 s; the lifecycle issue makes this configurable.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(5),
+        threads: settings.threads,
+        // Pingora sleeps this long after listeners close; the lifecycle thread exits earlier as
+        // soon as no request is in flight, so this is only the upper bound.
+        grace_period_seconds: Some(settings.shutdown_timeout.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: settings.upgrade_socket.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: startup.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let generation = live.current();
@@ -49,27 +70,53 @@ pub fn build(snapshot: Snapshot) -> anyhow::Result<(Server, Arc<Live>)> {
         // Plaintext HTTP/2 (h2c, prior knowledge) is accepted on every HTTP port, as Envoy does for
         // HTTP2/GRPC servers; HTTP/1.1 clients are unaffected.
         options.h2c = true;
-        let proxy = GatewayProxy {
-            port,
+        let mut proxy = pingora::proxy::http_proxy(
+            &server.configuration,
+            GatewayProxy {
+                port,
+                live: live.clone(),
+            },
+        );
+        proxy.server_options = Some(options);
+        let app = ProxyProtocolApp {
+            inner: Arc::new(proxy),
             live: live.clone(),
+            port,
         };
-        let mut service = ProxyServiceBuilder::new(&server.configuration, proxy)
-            .name(format!("listener :{port}"))
-            .server_options(options)
-            .build();
-        let address = std::net::SocketAddr::new(bind, port);
+        let mut service = Service::new(format!("listener :{port}"), app);
+        let address = std::net::SocketAddr::new(settings.bind_address, port);
         service.add_tcp(&address.to_string());
-        let protocol = match listener.spec.protocol {
-            ServerProtocol::Http => "HTTP",
-            ServerProtocol::Http2 => "HTTP2",
-            ServerProtocol::Grpc => "GRPC",
-        };
-        info!("listening on {address} ({protocol})");
+        info!("listening on {address} ({:?})", listener.spec.protocol);
         server.add_service(service);
     }
+    let reloader = Arc::new(Reloader::new(
+        startup.paths.clone(),
+        live.clone(),
+        startup.fingerprint,
+    ));
+    if !startup.paths.is_empty() {
+        server.add_service(background_service(
+            "config reloader",
+            ReloadService {
+                reloader: reloader.clone(),
+            },
+        ));
+    }
+    server.add_service(background_service(
+        "admin",
+        AdminService {
+            live: live.clone(),
+            reloader,
+            token,
+        },
+    ));
     server.add_service(background_service(
         "dns refresher",
         DnsRefresher { live: live.clone() },
     ));
-    Ok((server, live))
+    watch_phases(live.clone(), server.watch_execution_phase());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { live }),
+    });
+    Ok(())
 }

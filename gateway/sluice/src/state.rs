@@ -1,14 +1,20 @@
-//! The live configuration: the current compiled snapshot behind one `ArcSwap`.
+//! The live configuration and process state shared by every listener and background task.
 //!
-//! Requests `load` it once and keep that generation to the end; a reload builds a whole new
-//! [`Generation`] off the request path and swaps it in atomically.
+//! The current compiled snapshot sits behind one `ArcSwap`: requests `load` it once and keep that
+//! generation to the end; a reload builds a whole new [`Generation`] off the request path and swaps
+//! it in atomically. Beside it lives what survives reloads (DNS results keyed by host name) and what
+//! the admin API reports (reload status, readiness, requests in flight).
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 use sluice_core::snapshot::Snapshot;
 
 use crate::dns::DnsCache;
+use crate::metrics::Metrics;
 
 /// One applied config.
 #[derive(Debug)]
@@ -17,23 +23,57 @@ pub struct Generation {
     pub snapshot: Snapshot,
 }
 
-/// Shared by every listener and background task: the current generation and the state that
-/// survives reloads because it is keyed by stable identity (DNS results by host name).
+/// What `GET /api/v1/status` reports about configuration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadStatus {
+    pub generation: u64,
+    /// Reload attempts since start, successful or not (a broken file counts too).
+    pub reload_attempts: u64,
+    pub last_reload_successful: bool,
+    /// Every error of the last failed reload, as `file:line:col: message` lines; `None` once a
+    /// reload succeeds.
+    pub last_error: Option<String>,
+    pub warnings: Vec<String>,
+    pub files: Vec<PathBuf>,
+    /// Changes that were not applied because they need a restart (or a graceful upgrade).
+    pub needs_restart: Vec<String>,
+}
+
 #[derive(Debug)]
 pub struct Live {
     current: ArcSwap<Generation>,
     pub dns: DnsCache,
+    pub metrics: Metrics,
+    pub status: Mutex<ReloadStatus>,
+    /// Listeners are bound and serving (Pingora reached its running phase).
+    serving: AtomicBool,
+    /// Shutdown or upgrade has begun: `/readyz` answers 503 so the balancer moves away.
+    draining: AtomicBool,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Live {
-    pub fn new(snapshot: Snapshot) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(snapshot: Snapshot, files: Vec<PathBuf>) -> prometheus::Result<Arc<Self>> {
+        let metrics = Metrics::new()?;
+        metrics.record_reload(true, 1);
+        Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(Generation {
                 number: 1,
                 snapshot,
             }),
             dns: DnsCache::default(),
-        })
+            metrics,
+            status: Mutex::new(ReloadStatus {
+                generation: 1,
+                reload_attempts: 0,
+                last_reload_successful: true,
+                files,
+                ..ReloadStatus::default()
+            }),
+            serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }))
     }
 
     pub fn current(&self) -> Arc<Generation> {
@@ -46,5 +86,52 @@ impl Live {
         self.current
             .store(Arc::new(Generation { number, snapshot }));
         number
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn update_status(&self, change: impl FnOnce(&mut ReloadStatus)) {
+        if let Ok(mut status) = self.status.lock() {
+            change(&mut status);
+        }
+    }
+
+    pub fn set_serving(&self) {
+        self.serving.store(true, Ordering::SeqCst);
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Ready for traffic: config loaded, listeners bound, not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.serving.load(Ordering::SeqCst) && !self.is_draining()
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn request_started(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.in_flight.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// One request in flight; shutdown waits for these.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

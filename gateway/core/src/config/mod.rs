@@ -85,6 +85,8 @@ pub struct ConfigSet {
     pub destination_rules: Vec<Document<istio::DestinationRuleSpec>>,
     pub service_entries: Vec<Document<istio::ServiceEntrySpec>>,
     pub files: Vec<PathBuf>,
+    /// Hash of every file's path and text: equal fingerprints mean nothing changed on disk.
+    pub fingerprint: u64,
 }
 
 /// The typed shape of a whole document of one kind.
@@ -145,6 +147,10 @@ impl ConfigSet {
     }
 
     fn add_text(&mut self, file: Arc<SourceFile>, diagnostics: &mut Diagnostics) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.fingerprint, file.path(), file.text()).hash(&mut hasher);
+        self.fingerprint = hasher.finish();
         self.files.push(file.path().to_path_buf());
         let mut real_documents = 0;
         for document in 0..file.documents().len() {

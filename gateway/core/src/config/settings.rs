@@ -26,6 +26,43 @@ pub struct GatewaySettingsSpec {
     /// Worker threads per listener. Default: the number of CPUs.
     #[serde(default)]
     pub threads: Option<i64>,
+    /// PROXY protocol (v1 and v2) from the L4 load balancer in front. Off unless set.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Istio's `gatewayTopology.numTrustedProxies`: how many proxies in front of Sluice append to
+    /// X-Forwarded-For, so the client address is taken that many entries from the right. Default 0.
+    #[serde(default)]
+    pub num_trusted_proxies: Option<i64>,
+    /// After SIGTERM, how long `/readyz` says 503 while listeners still accept, so the balancer
+    /// notices. Default 5.
+    #[serde(default)]
+    pub drain_seconds: Option<i64>,
+    /// After draining, how long in-flight requests may take before the process exits. Default 30.
+    #[serde(default)]
+    pub shutdown_timeout_seconds: Option<i64>,
+    /// A plain-HTTP port serving only `/healthz` and `/readyz`, for balancers that cannot reach the
+    /// admin address. Off unless set.
+    #[serde(default)]
+    pub health_port: Option<i64>,
+    /// Unix socket a new Sluice process uses to take over the listening sockets during a graceful
+    /// upgrade (`sluice run --upgrade`). Default `/tmp/sluice-upgrade.sock`.
+    #[serde(default)]
+    pub upgrade_socket: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyProtocol {
+    /// Sources allowed to send a PROXY header (`10.0.0.0/8`, `127.0.0.1/32`, `::1/128`).
+    #[serde(default)]
+    pub trusted_cidrs: Vec<String>,
+    /// Whether a trusted source may also connect without a header (Envoy's
+    /// `allow_requests_without_proxy_protocol`). Default false.
+    #[serde(default)]
+    pub allow_without_header: bool,
+    /// Listener ports that expect the header. Default: every Gateway port.
+    #[serde(default)]
+    pub ports: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -33,6 +70,10 @@ pub struct GatewaySettingsSpec {
 pub struct AdminSettings {
     #[serde(default)]
     pub address: Option<String>,
+    /// File holding the bearer token the admin API requires. Default `<certsDir>/admin.token`,
+    /// created with a random token (mode 0600) when missing.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -1,0 +1,298 @@
+//! Reload: config files (or SIGHUP, or the admin API) → load → validate → compile → swap.
+//!
+//! A rejected config is never applied: the previous generation keeps serving and the errors are
+//! logged once, counted, and shown by the admin API. Routes, upstreams and most settings apply at
+//! once; changes to what is bound at start (listener ports, bind/admin/health addresses, threads)
+//! are reported as needing a restart or a graceful upgrade rather than silently ignored.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{error, info, warn};
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sluice_core::model::Settings;
+use sluice_core::snapshot::{ListenerSpec, Snapshot};
+
+use crate::state::Live;
+
+/// Quiet time after the last file event before reloading: editors and ConfigMap updates write in
+/// several steps (temp file + rename, truncate + write).
+const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Reload at the latest this long after the first event of a burst, even if events keep coming.
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
+pub struct Reloader {
+    pub paths: Vec<PathBuf>,
+    pub live: Arc<Live>,
+    /// What was bound at start: changes to these need a restart.
+    started_with: StartupShape,
+    last_fingerprint: std::sync::Mutex<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct StartupShape {
+    listeners: Vec<ListenerSpec>,
+    settings: Settings,
+}
+
+impl StartupShape {
+    fn of(snapshot: &Snapshot) -> Self {
+        Self {
+            listeners: snapshot.listeners().map(|l| l.spec).collect(),
+            settings: snapshot.settings.clone(),
+        }
+    }
+
+    /// Human-readable differences that the running process cannot apply.
+    fn needs_restart(&self, next: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        let next_listeners: Vec<ListenerSpec> = next.listeners().map(|l| l.spec).collect();
+        for added in next_listeners
+            .iter()
+            .filter(|l| !self.listeners.contains(l))
+        {
+            out.push(format!(
+                "listener port {} ({:?}) is new: restart Sluice or run a graceful upgrade to bind it",
+                added.port, added.protocol
+            ));
+        }
+        for removed in self
+            .listeners
+            .iter()
+            .filter(|l| !next_listeners.contains(l))
+        {
+            out.push(format!(
+                "listener port {} is no longer configured: it keeps its socket and answers 404 until restart",
+                removed.port
+            ));
+        }
+        let (old, new) = (&self.settings, &next.settings);
+        let fields: [(&str, bool); 6] = [
+            ("bindAddress", old.bind_address != new.bind_address),
+            ("admin.address", old.admin_address != new.admin_address),
+            ("healthPort", old.health_port != new.health_port),
+            ("threads", old.threads != new.threads),
+            ("upgradeSocket", old.upgrade_socket != new.upgrade_socket),
+            (
+                "admin.tokenFile",
+                old.admin_token_path() != new.admin_token_path(),
+            ),
+        ];
+        for (field, changed) in fields {
+            if changed {
+                out.push(format!(
+                    "GatewaySettings `spec.{field}` changed: applies after a restart"
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Reloader {
+    pub fn new(paths: Vec<PathBuf>, live: Arc<Live>, fingerprint: u64) -> Self {
+        let started_with = StartupShape::of(&live.current().snapshot);
+        Self {
+            paths,
+            live,
+            started_with,
+            last_fingerprint: std::sync::Mutex::new(fingerprint),
+        }
+    }
+
+    /// Loads, validates and compiles the config files, and swaps the result in. `force` reloads
+    /// even when no file changed (SIGHUP, admin API). Returns the generation now serving.
+    pub fn reload(&self, trigger: &str, force: bool) -> Result<u64, String> {
+        let loaded = sluice_core::load_paths(&self.paths);
+        let unchanged = self
+            .last_fingerprint
+            .lock()
+            .map(|mut last| std::mem::replace(&mut *last, loaded.fingerprint) == loaded.fingerprint)
+            .unwrap_or(false);
+        let serving = self.live.current().number;
+        if unchanged && !force {
+            return Ok(serving);
+        }
+        let diagnostics = loaded.diagnostics.clone().into_sorted();
+        let warnings: Vec<String> = diagnostics
+            .iter()
+            .filter(|d| !d.is_error())
+            .map(ToString::to_string)
+            .collect();
+        match loaded.snapshot() {
+            None => {
+                let errors: Vec<String> = diagnostics
+                    .iter()
+                    .filter(|d| d.is_error())
+                    .map(ToString::to_string)
+                    .collect();
+                let text = errors.join("\n");
+                error!(
+                    "config reload ({trigger}) rejected, generation {serving} keeps serving:\n{text}"
+                );
+                self.live.metrics.record_reload(false, serving);
+                self.live.update_status(|s| {
+                    s.reload_attempts += 1;
+                    s.last_reload_successful = false;
+                    s.last_error = Some(text.clone());
+                    s.warnings = warnings;
+                });
+                Err(text)
+            }
+            Some(snapshot) => {
+                let needs_restart = self.started_with.needs_restart(&snapshot);
+                for message in &needs_restart {
+                    warn!("{message}");
+                }
+                for warning in &warnings {
+                    warn!("{warning}");
+                }
+                let names = snapshot.dns_names().to_vec();
+                let generation = self.live.apply(snapshot);
+                info!("config reload ({trigger}) applied: generation {generation}");
+                self.live.metrics.record_reload(true, generation);
+                self.live.update_status(|s| {
+                    s.generation = generation;
+                    s.reload_attempts += 1;
+                    s.last_reload_successful = true;
+                    s.last_error = None;
+                    s.warnings = warnings;
+                    s.files = loaded.files.clone();
+                    s.needs_restart = needs_restart;
+                });
+                // New DNS names resolve right away rather than at the next refresh.
+                let live = self.live.clone();
+                tokio::spawn(async move { live.dns.refresh_missing(&names).await });
+                Ok(generation)
+            }
+        }
+    }
+}
+
+/// Directories to watch for `paths`: a directory itself, or a file's parent (editors and ConfigMaps
+/// replace files by rename, which a watch on the file alone would lose).
+fn watch_dirs(paths: &[PathBuf], certs_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            }
+        })
+        .collect();
+    if certs_dir.is_dir() {
+        dirs.push(certs_dir.to_path_buf());
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Whether a file event can change the config: a YAML file, a watched file, or a ConfigMap's
+/// `..data` swap. Editor swap files and the like are ignored.
+fn relevant(event_path: &Path, paths: &[PathBuf]) -> bool {
+    let name = event_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let yaml = matches!(
+        event_path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    ) && !name.starts_with('.');
+    yaml || name == "..data" || paths.iter().any(|p| p == event_path)
+}
+
+/// Watches the config (and certificate) directories and reloads after each burst of changes;
+/// reloads on SIGHUP too.
+pub struct ReloadService {
+    pub reloader: Arc<Reloader>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let paths = self.reloader.paths.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                for path in event.paths {
+                    let _ = tx.send(path);
+                }
+            }
+        });
+        let certs_dir = self
+            .reloader
+            .live
+            .current()
+            .snapshot
+            .settings
+            .certs_dir
+            .clone();
+        let _watcher = match watcher {
+            Ok(mut watcher) => {
+                for dir in watch_dirs(&paths, &certs_dir) {
+                    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                        warn!(
+                            "cannot watch {}: {e}; edits there need SIGHUP",
+                            dir.display()
+                        );
+                    }
+                }
+                Some(watcher)
+            }
+            Err(e) => {
+                warn!("file watching unavailable ({e}); reload with SIGHUP");
+                None
+            }
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                warn!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    self.run_reload("SIGHUP", true).await;
+                }
+                Some(path) = rx.recv() => {
+                    if !relevant(&path, &paths) {
+                        continue;
+                    }
+                    let first = tokio::time::Instant::now();
+                    // Debounce: wait for quiet, but not forever.
+                    loop {
+                        let quiet = tokio::time::sleep(DEBOUNCE);
+                        let deadline = tokio::time::sleep_until(first + MAX_DELAY);
+                        tokio::select! {
+                            Some(_) = rx.recv() => continue,
+                            _ = quiet => break,
+                            _ = deadline => break,
+                        }
+                    }
+                    self.run_reload("file change", false).await;
+                }
+            }
+        }
+    }
+}
+
+impl ReloadService {
+    async fn run_reload(&self, trigger: &'static str, force: bool) {
+        let reloader = self.reloader.clone();
+        // Parsing a large config is CPU work: keep it off the async worker.
+        let _ = tokio::task::spawn_blocking(move || reloader.reload(trigger, force)).await;
+    }
+}
