@@ -195,7 +195,7 @@ pub struct HeaderRules {
     pub response: HeaderOps,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
     pub uri: Option<String>,
     pub authority: Option<String>,
@@ -231,6 +231,15 @@ pub struct RouteDestination {
     pub service: ServiceKey,
     pub weight: u32,
     pub headers: HeaderRules,
+}
+
+/// How Sluice talks to an upstream port, from the ServiceEntry port's `protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// `HTTP2`, `GRPC`, `GRPC-WEB`: HTTP/2 without TLS (h2c, prior knowledge).
+    Http2,
 }
 
 /// Identifies an upstream cluster: an FQDN, a service port and an optional subset.
@@ -353,6 +362,8 @@ pub struct ServicePortModel {
     pub number: u16,
     pub name: Option<String>,
     pub target_port: Option<u16>,
+    /// `None`: a protocol HTTP routes cannot use (TCP, TLS, HTTPS without origination…), named.
+    pub http: Result<UpstreamProtocol, String>,
 }
 
 #[derive(Debug, Clone)]

@@ -229,7 +229,11 @@ pub fn flow_too_deep(text: &str) -> Option<Position> {
             match (quote, c) {
                 (Some(q), c) if c == q => quote = None,
                 (Some(_), _) => {}
-                (None, '\'' | '"') => quote = Some(c),
+                // A quote opens a quoted scalar only where a scalar can start; inside a plain
+                // scalar (`it's`) it is an ordinary character.
+                (None, '\'' | '"') if matches!(previous, ' ' | '\t' | '[' | '{' | ',' | ':') => {
+                    quote = Some(c)
+                }
                 (None, '#') if previous == ' ' || previous == '\t' => break,
                 (None, '[' | '{') => {
                     depth += 1;
@@ -279,6 +283,8 @@ impl PathIndex {
 }
 
 const MAX_INDEXED_DEPTH: usize = 128;
+const MAX_INDEXED_NODES: usize = 500_000;
+const MAX_INDEXED_KEY: usize = 256;
 
 enum Frame {
     Mapping {
@@ -318,9 +324,9 @@ impl IndexBuilder {
     /// A node starts at `mark`: if it is a mapping key, remember it; otherwise record its path and
     /// return it so a container can push a frame.
     fn node(&mut self, mark: Marker, scalar_key: Option<&str>) -> Option<String> {
-        // Paths grow with depth; past any depth a real config has, stop indexing (input that deep is
-        // refused anyway, and indexing it would cost quadratic time).
-        if self.stack.len() > MAX_INDEXED_DEPTH {
+        // Paths grow with depth and key length; past what a real config has, stop indexing (such
+        // input is refused anyway, and indexing it would cost quadratic time and memory).
+        if self.stack.len() > MAX_INDEXED_DEPTH || self.index.paths.len() >= MAX_INDEXED_NODES {
             return None;
         }
         let position = self.index.position(mark);
@@ -334,7 +340,9 @@ impl IndexBuilder {
             Some(Frame::Mapping { path, pending_key }) => match pending_key.take() {
                 Some((key, key_position)) => (join(path, &key), key_position),
                 None => {
-                    *pending_key = Some((scalar_key.unwrap_or("?").to_string(), position));
+                    let key = scalar_key.unwrap_or("?");
+                    let key = key.get(..MAX_INDEXED_KEY).unwrap_or(key);
+                    *pending_key = Some((key.to_string(), position));
                     return None;
                 }
             },
@@ -425,6 +433,8 @@ mod tests {
             "[".repeat(100)
         );
         assert_eq!(flow_too_deep(&quoted), None);
+        let sneaky = format!("a: [it's, {}", "[".repeat(70));
+        assert!(flow_too_deep(&sneaky).is_some());
         let deep = format!("a: {}", "[".repeat(65));
         assert_eq!(
             flow_too_deep(&deep),

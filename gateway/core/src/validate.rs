@@ -67,6 +67,24 @@ impl Validator<'_> {
             .iter()
             .map(|vs| self.virtual_service(vs, &gateway_ids, &services, &subsets))
             .collect();
+        if let (Some(mesh_port), Some(doc)) = (settings.mesh_port, self.set.settings.first()) {
+            if let Some(gateway) = gateways
+                .iter()
+                .find(|g| g.servers.iter().any(|s| s.port == mesh_port))
+            {
+                let message = format!(
+                    "meshListener port {mesh_port} is also a server port of Gateway `{}`: use another port",
+                    gateway.id
+                );
+                self.error(
+                    At {
+                        origin: &doc.origin,
+                        path: "spec.meshListener.port".into(),
+                    },
+                    message,
+                );
+            }
+        }
         let model = Model {
             settings,
             gateways,
@@ -385,6 +403,18 @@ impl Validator<'_> {
                     NamespaceFilter::Only(doc.metadata.namespace().to_string()),
                     host,
                 ),
+                Some(("", _)) => {
+                    self.error(
+                        At {
+                            origin,
+                            path: path.clone(),
+                        },
+                        format!(
+                            "`{raw}`: the namespace before `/` is empty (use `*/`, `./` or a name)"
+                        ),
+                    );
+                    continue;
+                }
                 Some((ns, host)) => (NamespaceFilter::Only(ns.to_string()), host),
                 None => (NamespaceFilter::Any, raw.as_str()),
             };
@@ -445,11 +475,37 @@ impl Validator<'_> {
                 let target_port = p
                     .target_port
                     .and_then(|t| self.port(t, at(&format!("spec.ports[{i}].targetPort"))));
+                let http = match p
+                    .protocol
+                    .as_deref()
+                    .map(str::to_ascii_uppercase)
+                    .as_deref()
+                {
+                    None | Some("HTTP") => Ok(UpstreamProtocol::Http1),
+                    Some("HTTP2" | "GRPC" | "GRPC-WEB") => Ok(UpstreamProtocol::Http2),
+                    Some(other @ ("HTTPS" | "TLS")) => Err(format!(
+                        "protocol {other} needs TLS origination, which is not supported yet"
+                    )),
+                    Some(other @ ("TCP" | "MONGO" | "MYSQL" | "REDIS" | "UDP")) => {
+                        Err(format!("protocol {other} cannot carry HTTP routes"))
+                    }
+                    Some(other) => {
+                        self.error(
+                            at(&format!("spec.ports[{i}].protocol")),
+                            format!(
+                                "unknown protocol `{other}`: Istio's protocols are HTTP, HTTPS, \
+                                 HTTP2, GRPC, GRPC-WEB, TCP, TLS, MONGO, MYSQL, REDIS, UDP"
+                            ),
+                        );
+                        continue;
+                    }
+                };
                 if let Some(number) = number {
                     ports.push(ServicePortModel {
                         number,
                         name: p.name.clone(),
                         target_port,
+                        http,
                     });
                 }
             }
@@ -662,6 +718,28 @@ impl Validator<'_> {
             }
             if catch_all_at.is_none() && matches_everything(route) {
                 catch_all_at = Some(i);
+            }
+        }
+        for (i, route) in doc.spec.http.iter().enumerate() {
+            for (j, m) in route.matches.iter().enumerate() {
+                for (k, name) in m.gateways.iter().flatten().enumerate() {
+                    let binding = if name == "mesh" {
+                        Binding::Mesh
+                    } else if name.contains('/') {
+                        Binding::Gateway(name.clone())
+                    } else {
+                        Binding::Gateway(format!("{namespace}/{name}"))
+                    };
+                    if !bindings.contains(&binding) {
+                        self.warning(
+                            at(&format!("spec.http[{i}].match[{j}].gateways[{k}]")),
+                            format!(
+                                "`{name}` is not in this VirtualService's `gateways`, so this match \
+                                 block never applies"
+                            ),
+                        );
+                    }
+                }
             }
         }
         VirtualService {
@@ -1051,12 +1129,33 @@ impl Validator<'_> {
                 self.error(at(base), "use only one of `uri` and `uriRegexRewrite`");
                 return None;
             }
-            (Some(uri), None) => Some(UriRewrite::Prefix(uri.clone())),
-            (None, Some(rr)) => match full_match_regex_unanchored(&rr.pattern) {
-                Ok(pattern) => Some(UriRewrite::Regex {
-                    pattern,
-                    replacement: envoy_substitution_to_rust(&rr.rewrite),
-                }),
+            (Some(uri), None) => {
+                if !uri.starts_with('/') || uri.parse::<http::uri::PathAndQuery>().is_err() {
+                    self.error(
+                        at(&format!("{base}.uri")),
+                        format!(
+                            "`{uri}` is not a path: it must start with `/` and use URI characters"
+                        ),
+                    );
+                    return None;
+                }
+                Some(UriRewrite::Prefix(uri.clone()))
+            }
+            (None, Some(rr)) => match compile_regex(&rr.pattern) {
+                Ok(pattern) => {
+                    let replacement =
+                        match envoy_substitution_to_rust(&rr.rewrite, pattern.captures_len()) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                self.error(at(&format!("{base}.uriRegexRewrite.rewrite")), e);
+                                return None;
+                            }
+                        };
+                    Some(UriRewrite::Regex {
+                        pattern,
+                        replacement,
+                    })
+                }
                 Err(e) => {
                     self.error(
                         at(&format!("{base}.uriRegexRewrite.match")),
@@ -1067,6 +1166,16 @@ impl Validator<'_> {
             },
             (None, None) => None,
         };
+        if rewrite.uri.is_none()
+            && rewrite.uri_regex_rewrite.is_none()
+            && rewrite.authority.is_none()
+        {
+            self.error(
+                at(base),
+                "`rewrite` needs `uri`, `uriRegexRewrite` or `authority`",
+            );
+            return None;
+        }
         if let Some(authority) = &rewrite.authority {
             if HeaderValue::from_str(authority).is_err() || authority.is_empty() {
                 self.error(at(&format!("{base}.authority")), "not a valid authority");
@@ -1115,6 +1224,15 @@ impl Validator<'_> {
                 self.error(
                     at(&format!("{base}.scheme")),
                     format!("scheme `{scheme}`: use http or https"),
+                );
+                ok = false;
+            }
+        }
+        if let Some(uri) = &redirect.uri {
+            if !uri.starts_with('/') || uri.parse::<http::uri::PathAndQuery>().is_err() {
+                self.error(
+                    at(&format!("{base}.uri")),
+                    format!("`{uri}` is not a path: it must start with `/` and use URI characters"),
                 );
                 ok = false;
             }
@@ -1209,6 +1327,16 @@ impl Validator<'_> {
                 _ => ok = false,
             }
         }
+        if total > i64::from(u32::MAX) {
+            self.error(
+                At {
+                    origin,
+                    path: format!("{}.route", ctx.base),
+                },
+                "the weights of these destinations add up to more than 4294967295",
+            );
+            ok = false;
+        }
         if route.len() > 1 && total == 0 && ok {
             self.error(
                 At {
@@ -1286,6 +1414,15 @@ impl Validator<'_> {
                 return None;
             }
         };
+        if let Some(Err(reason)) = ctx
+            .services
+            .get(&host)
+            .and_then(|service| service.ports.iter().find(|p| p.number == port))
+            .map(|p| &p.http)
+        {
+            self.error(at(base), format!("port {port} of `{host}`: {reason}"));
+            return None;
+        }
         if let Some(subset) = &dest.subset {
             let subset_path = format!("{base}.subset");
             if !ctx.subsets.contains_key(&(host.clone(), subset.clone())) {
@@ -1458,32 +1595,42 @@ fn full_match_regex(pattern: &str) -> Result<Regex, regex::Error> {
         .build()
 }
 
-fn full_match_regex_unanchored(pattern: &str) -> Result<Regex, regex::Error> {
+fn compile_regex(pattern: &str) -> Result<Regex, regex::Error> {
     RegexBuilder::new(pattern)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
 }
 
-/// Envoy (RE2) writes capture groups in substitutions as `\1`; the regex crate as `${1}`, and a
-/// literal `$` must be doubled.
-fn envoy_substitution_to_rust(substitution: &str) -> String {
+/// Envoy (RE2) writes capture groups in substitutions as `\1` and a backslash as `\\`; the regex
+/// crate writes `${1}`, and a literal `$` must be doubled. A group the pattern does not have is an
+/// error, as in Envoy.
+fn envoy_substitution_to_rust(substitution: &str, groups: usize) -> Result<String, String> {
     let mut out = String::with_capacity(substitution.len());
     let mut chars = substitution.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
-                out.push_str("${");
+                let mut number = String::new();
                 while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
-                    out.push(d);
+                    number.push(d);
                     chars.next();
                 }
-                out.push('}');
+                if number.parse::<usize>().map_or(true, |n| n >= groups) {
+                    return Err(format!(
+                        "`\\{number}` refers to a capture group the `match` pattern does not have"
+                    ));
+                }
+                out.push_str(&format!("${{{number}}}"));
+            }
+            '\\' if chars.peek() == Some(&'\\') => {
+                chars.next();
+                out.push('\\');
             }
             '$' => out.push_str("$$"),
             c => out.push(c),
         }
     }
-    out
+    Ok(out)
 }
 
 /// Istio durations as protobuf's JSON form and Go write them: `5s`, `1.5s`, `100ms`, `1m`, `1h`.
@@ -1500,7 +1647,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "us" | "µs" => value / 1e6,
         _ => return None,
     };
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 #[cfg(test)]
@@ -1509,7 +1656,15 @@ mod tests {
 
     #[test]
     fn substitutions_translate_capture_groups() {
-        assert_eq!(envoy_substitution_to_rust(r"/v2/\1/x$"), "/v2/${1}/x$$");
+        assert_eq!(
+            envoy_substitution_to_rust(r"/v2/\1/x$", 2).as_deref(),
+            Ok("/v2/${1}/x$$")
+        );
+        assert_eq!(
+            envoy_substitution_to_rust(r"a\\b", 1).as_deref(),
+            Ok(r"a\b")
+        );
+        assert!(envoy_substitution_to_rust(r"/\5", 2).is_err());
     }
 
     #[test]

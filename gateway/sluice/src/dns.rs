@@ -33,20 +33,20 @@ impl DnsCache {
     pub async fn refresh(&self, names: &[String]) {
         let previous = self.resolved.load_full();
         let mut next = HashMap::with_capacity(names.len());
-        for name in names {
-            match resolve(name).await {
+        for (name, result) in resolve_all(names).await {
+            match result {
                 Ok(addrs) if !addrs.is_empty() => {
-                    next.insert(name.clone(), addrs);
+                    next.insert(name, addrs);
                 }
                 result => {
                     let reason = match result {
                         Err(e) => e.to_string(),
                         Ok(_) => "no addresses".to_string(),
                     };
-                    match previous.get(name) {
+                    match previous.get(&name) {
                         Some(old) => {
                             warn!("DNS lookup of {name} failed ({reason}); keeping {} previous address(es)", old.len());
-                            next.insert(name.clone(), old.clone());
+                            next.insert(name, old.clone());
                         }
                         None => warn!("DNS lookup of {name} failed ({reason}); its endpoints get 503 until it resolves"),
                     }
@@ -71,18 +71,39 @@ impl DnsCache {
         if missing.is_empty() {
             return;
         }
-        for name in &missing {
-            if let Ok(addrs) = resolve(name).await {
-                if !addrs.is_empty() {
-                    self.resolved.rcu(|current| {
-                        let mut next = HashMap::clone(current);
-                        next.insert(name.clone(), addrs.clone());
-                        next
-                    });
-                }
+        let found: Vec<(String, Arc<[IpAddr]>)> = resolve_all(&missing)
+            .await
+            .into_iter()
+            .filter_map(|(name, result)| result.ok().filter(|a| !a.is_empty()).map(|a| (name, a)))
+            .collect();
+        self.resolved.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.extend(found.iter().cloned());
+            next
+        });
+    }
+}
+
+/// Resolves names concurrently (at most 32 at a time), so a few dead names cost one timeout, not one
+/// each.
+async fn resolve_all(names: &[String]) -> Vec<(String, std::io::Result<Arc<[IpAddr]>>)> {
+    let mut results = Vec::with_capacity(names.len());
+    for chunk in names.chunks(32) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in chunk {
+            let name = name.clone();
+            tasks.spawn(async move {
+                let result = resolve(&name).await;
+                (name, result)
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(pair) = done {
+                results.push(pair);
             }
         }
     }
+    results
 }
 
 async fn resolve(name: &str) -> std::io::Result<Arc<[IpAddr]>> {

@@ -23,6 +23,8 @@ pub fn spawn(name: String, listener: TcpListener) -> tokio::task::JoinHandle<()>
         let mut connections = 0u64;
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
             connections += 1;

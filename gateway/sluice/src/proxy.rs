@@ -14,15 +14,19 @@ use http::header::{self, HeaderValue};
 use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::ALPN;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
-use sluice_core::model::{Action, HeaderOps};
+use sluice_core::model::{Action, HeaderOps, UpstreamProtocol};
 use sluice_core::snapshot::{
     redirect_location, rewrite_path, RequestInfo, Route, RouteLookup, UpstreamEndpoint,
 };
 
 use crate::state::{Generation, Live};
+
+/// Istio's default `connectTimeout`.
+const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct GatewayProxy {
     pub port: u16,
@@ -67,18 +71,23 @@ fn request_info<'a>(req: &'a RequestHeader, port: u16) -> RequestInfo<'a> {
     }
 }
 
-/// Answers a request from Sluice itself, keeping the connection open.
+/// Answers a request from Sluice itself, keeping the connection open. `rules` are the matched
+/// route's response header rules, which apply to redirects and direct responses too.
 async fn respond(
     session: &mut Session,
     status: u16,
     extra: Option<(header::HeaderName, HeaderValue)>,
     body: Bytes,
+    rules: Option<&HeaderOps>,
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     if let Some((name, value)) = extra {
         resp.insert_header(name, value)?;
+    }
+    if let Some(rules) = rules {
+        apply_ops(&mut resp, rules)?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     session
@@ -90,30 +99,70 @@ async fn respond(
     Ok(())
 }
 
-fn apply_request_ops(req: &mut RequestHeader, ops: &HeaderOps) -> Result<()> {
+/// Request and response headers are different Pingora types with the same three operations.
+trait EditHeaders {
+    fn remove(&mut self, name: &header::HeaderName);
+    fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()>;
+    fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()>;
+}
+
+impl EditHeaders for RequestHeader {
+    fn remove(&mut self, name: &header::HeaderName) {
+        self.remove_header(name);
+    }
+    fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
+        self.insert_header(name.clone(), value.clone())
+    }
+    fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
+        self.append_header(name.clone(), value.clone()).map(|_| ())
+    }
+}
+
+impl EditHeaders for ResponseHeader {
+    fn remove(&mut self, name: &header::HeaderName) {
+        self.remove_header(name);
+    }
+    fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
+        self.insert_header(name.clone(), value.clone())
+    }
+    fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
+        self.append_header(name.clone(), value.clone()).map(|_| ())
+    }
+}
+
+/// Istio's order: remove, then set (replace), then add (append).
+fn apply_ops(headers: &mut impl EditHeaders, ops: &HeaderOps) -> Result<()> {
     for name in &ops.remove {
-        req.remove_header(name);
+        headers.remove(name);
     }
     for (name, value) in &ops.set {
-        req.insert_header(name.clone(), value.clone())?;
+        headers.set(name, value)?;
     }
     for (name, value) in &ops.add {
-        req.append_header(name.clone(), value.clone())?;
+        headers.add(name, value)?;
     }
     Ok(())
 }
 
-fn apply_response_ops(resp: &mut ResponseHeader, ops: &HeaderOps) -> Result<()> {
-    for name in &ops.remove {
-        resp.remove_header(name);
+/// Removes `.`/`..` segments before routing (Istio's default path normalization), so the route that
+/// matches is the one for the path the upstream will serve.
+fn normalize_request_path(req: &mut RequestHeader) -> Result<()> {
+    let Some(path) = sluice_core::snapshot::normalize_path(req.uri.path()) else {
+        return Ok(());
+    };
+    let path_and_query = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            req.set_uri(uri);
+            Ok(())
+        }
+        Err(_) => Err(Error::explain(ErrorType::HTTPStatus(400), "invalid path")),
     }
-    for (name, value) in &ops.set {
-        resp.insert_header(name.clone(), value.clone())?;
-    }
-    for (name, value) in &ops.add {
-        resp.append_header(name.clone(), value.clone())?;
-    }
-    Ok(())
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -138,6 +187,7 @@ impl ProxyHttp for GatewayProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx._in_flight = Some(self.live.request_started());
         let generation = self.live.current();
+        normalize_request_path(session.req_header_mut())?;
         let info = request_info(session.req_header(), self.port);
         let lookup = generation.snapshot.route(&info);
         let answer = match lookup {
@@ -180,7 +230,8 @@ impl ProxyHttp for GatewayProxy {
         ctx.generation = Some(generation);
         match answer {
             Some((status, extra, body)) => {
-                respond(session, status, extra, body).await?;
+                let rules = ctx.route.as_ref().map(|r| &r.def.headers.response);
+                respond(session, status, extra, body, rules).await?;
                 Ok(true)
             }
             None => Ok(false),
@@ -219,7 +270,13 @@ impl ProxyHttp for GatewayProxy {
                 }
             }
         };
-        Ok(Box::new(HttpPeer::new(addr, false, String::new())))
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(UPSTREAM_CONNECT_TIMEOUT);
+        if cluster.protocol == UpstreamProtocol::Http2 {
+            // Plaintext HTTP/2 with prior knowledge (h2c), as gRPC backends expect.
+            peer.options.alpn = ALPN::H2;
+        }
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -229,13 +286,27 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(ip) = client_ip(session) {
-            let forwarded = match upstream_request.headers.get("x-forwarded-for") {
-                Some(existing) => format!("{}, {ip}", existing.to_str().unwrap_or_default()),
-                None => ip.to_string(),
-            };
+            // Every X-Forwarded-For line the client sent, in order, then the address Sluice saw.
+            let mut forwarded = String::new();
+            for value in upstream_request.headers.get_all("x-forwarded-for") {
+                forwarded.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                forwarded.push_str(", ");
+            }
+            forwarded.push_str(&ip.to_string());
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;
+        // An absolute-form request (`GET http://host/path`) is routed by its authority; the
+        // upstream must see that host too, as Envoy does.
+        if !session.is_http2() {
+            if let Some(authority) = upstream_request
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+            {
+                upstream_request.insert_header(header::HOST, authority)?;
+            }
+        }
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
@@ -264,9 +335,9 @@ impl ProxyHttp for GatewayProxy {
             upstream_request.insert_header(header::HOST, authority.as_str())?;
         }
         if let Some(target) = ctx.target() {
-            apply_request_ops(upstream_request, &target.headers.request)?;
+            apply_ops(upstream_request, &target.headers.request)?;
         }
-        apply_request_ops(upstream_request, &route.def.headers.request)?;
+        apply_ops(upstream_request, &route.def.headers.request)?;
         Ok(())
     }
 
@@ -277,10 +348,10 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(target) = ctx.target() {
-            apply_response_ops(upstream_response, &target.headers.response)?;
+            apply_ops(upstream_response, &target.headers.response)?;
         }
         if let Some(route) = &ctx.route {
-            apply_response_ops(upstream_response, &route.def.headers.response)?;
+            apply_ops(upstream_response, &route.def.headers.response)?;
         }
         Ok(())
     }

@@ -30,6 +30,7 @@ pub struct Reloader {
     pub live: Arc<Live>,
     /// What was bound at start: changes to these need a restart.
     started_with: StartupShape,
+    /// Held for a whole reload: the watcher, SIGHUP and the admin API never interleave.
     last_fingerprint: std::sync::Mutex<u64>,
 }
 
@@ -107,12 +108,12 @@ impl Reloader {
     /// Loads, validates and compiles the config files, and swaps the result in. `force` reloads
     /// even when no file changed (SIGHUP, admin API). Returns the generation now serving.
     pub fn reload(&self, trigger: &str, force: bool) -> Result<u64, String> {
-        let loaded = sluice_core::load_paths(&self.paths);
-        let unchanged = self
+        let mut last = self
             .last_fingerprint
             .lock()
-            .map(|mut last| std::mem::replace(&mut *last, loaded.fingerprint) == loaded.fingerprint)
-            .unwrap_or(false);
+            .map_err(|_| "a previous reload panicked".to_string())?;
+        let loaded = sluice_core::load_paths(&self.paths);
+        let unchanged = std::mem::replace(&mut *last, loaded.fingerprint) == loaded.fingerprint;
         let serving = self.live.current().number;
         if unchanged && !force {
             return Ok(serving);

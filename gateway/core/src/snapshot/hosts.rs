@@ -43,6 +43,10 @@ impl<T> HostTable<T> {
     /// `*.example.com` serves `a.example.com` and `a.b.example.com`, never `example.com`; the longest
     /// matching suffix wins.
     pub fn lookup(&self, host: &str) -> Option<&T> {
+        // No DNS name is longer; refusing early also bounds the suffix walk below on hostile input.
+        if host.len() > 253 {
+            return None;
+        }
         let host = lower(host);
         if let Some(found) = self.exact.get(host.as_ref()) {
             return Some(found);
@@ -114,6 +118,7 @@ mod tests {
         assert_eq!(t.lookup("x.b.example.com"), Some(&"deeper"));
         assert_eq!(t.lookup("example.com"), Some(&"any"));
         assert_eq!(t.lookup("other.org"), Some(&"any"));
+        assert_eq!(t.lookup(&".a".repeat(200)), None);
     }
 
     #[test]

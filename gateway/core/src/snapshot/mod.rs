@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::model::{
-    Action, Binding, EndpointAddress, HeaderRules, HostPattern, HttpRoute, Model, RouteMatch,
-    ServerProtocol, ServiceKey, Settings,
+    Action, Binding, EndpointAddress, Gateway, HeaderRules, HostPattern, HttpRoute, Model,
+    RouteMatch, ServerProtocol, ServiceKey, Settings, UpstreamProtocol,
 };
 use crate::validate::labels_match;
 pub use hosts::{host_of_authority, HostTable};
-pub use request::{redirect_location, rewrite_path, RequestInfo};
+pub use request::{normalize_path, redirect_location, rewrite_path, RequestInfo};
 
 /// The port a [`Listener`] serves and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +71,7 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Cluster {
     pub key: ServiceKey,
+    pub protocol: UpstreamProtocol,
     pub endpoints: Vec<UpstreamEndpoint>,
     next: AtomicUsize,
 }
@@ -207,14 +208,17 @@ struct Compiler {
 
 impl Compiler {
     fn run(mut self, model: &Model) -> Snapshot {
-        let mut seen: HashSet<(u16, HostPattern, usize)> = HashSet::new();
+        // A VirtualService is added once per (port, host) for each gateway it binds to, so two
+        // gateways sharing a port each contribute their own view of its routes.
+        let mut seen: HashSet<(u16, HostPattern, usize, usize)> = HashSet::new();
+        let gateways: HashMap<&str, &Gateway> =
+            model.gateways.iter().map(|g| (g.id.as_str(), g)).collect();
         for (vs_index, vs) in model.virtual_services.iter().enumerate() {
-            for binding in &vs.bindings {
+            for (binding_index, binding) in vs.bindings.iter().enumerate() {
                 match binding {
                     Binding::Gateway(gateway_id) => {
                         let routes = self.routes_for(model, &vs.http, gateway_id);
-                        let Some(gateway) = model.gateways.iter().find(|g| &g.id == gateway_id)
-                        else {
+                        let Some(gateway) = gateways.get(gateway_id.as_str()) else {
                             continue;
                         };
                         for server in &gateway.servers {
@@ -227,7 +231,12 @@ impl Compiler {
                             {
                                 for host in &vs.hosts {
                                     if let Some(served) = server_host.host.intersect(host) {
-                                        if seen.insert((server.port, served.clone(), vs_index)) {
+                                        if seen.insert((
+                                            server.port,
+                                            served.clone(),
+                                            vs_index,
+                                            binding_index,
+                                        )) {
                                             self.add_routes(spec, &served, &routes);
                                         }
                                     }
@@ -246,7 +255,7 @@ impl Compiler {
                         };
                         for host in &vs.hosts {
                             for alias in mesh_aliases(host) {
-                                if seen.insert((port, alias.clone(), vs_index)) {
+                                if seen.insert((port, alias.clone(), vs_index, binding_index)) {
                                     self.add_routes(spec, &alias, &routes);
                                 }
                             }
@@ -369,9 +378,13 @@ impl Compiler {
             return *i;
         }
         let mut endpoints = Vec::new();
+        let mut protocol = UpstreamProtocol::Http1;
         match model.services.get(&key.host) {
             Some(service) => {
                 let port = service.ports.iter().find(|p| p.number == key.port);
+                if let Some(Ok(p)) = port.map(|p| &p.http) {
+                    protocol = *p;
+                }
                 let selector = key
                     .subset
                     .as_ref()
@@ -399,6 +412,7 @@ impl Compiler {
         let index = self.clusters.len();
         self.clusters.push(Cluster {
             key: key.clone(),
+            protocol,
             endpoints,
             next: AtomicUsize::new(0),
         });

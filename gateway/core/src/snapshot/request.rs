@@ -114,30 +114,35 @@ pub fn rewrite_path(rewrite: &UriRewrite, path: &str, matched: Option<&RouteMatc
     }
 }
 
-/// The `Location` of a redirect. Unset parts keep the request's: scheme, host (and its port, unless
-/// the redirect changes scheme or host, or sets a port), path, and the query string.
+/// The `Location` of a redirect, as Envoy builds it for Istio: unset parts keep the request's scheme,
+/// host, path and query string. The request's port is kept unless the redirect sets a port or an
+/// authority, or changes the scheme away from a request on that scheme's default port.
 pub fn redirect_location(redirect: &Redirect, req: &RequestInfo<'_>) -> String {
     let scheme = redirect.scheme.as_deref().unwrap_or(req.scheme);
-    let host = redirect
-        .authority
-        .as_deref()
-        .unwrap_or_else(|| crate::snapshot::hosts::host_of_authority(req.authority));
+    let request_host = crate::snapshot::hosts::host_of_authority(req.authority);
     let request_port = req
         .authority
         .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok());
-    let port = match redirect.port {
-        Some(p) => Some(p),
-        None if redirect.scheme.is_none() && redirect.authority.is_none() => request_port,
-        None => None,
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .filter(|_| !req.authority.ends_with(']'));
+    let (host, port) = match (&redirect.authority, redirect.port) {
+        // An authority may carry its own port; it is written as given.
+        (Some(authority), port) => (authority.as_str(), port),
+        (None, Some(port)) => (request_host, Some(port)),
+        (None, None) => {
+            let default_of_request_scheme = if req.scheme == "https" { 443 } else { 80 };
+            let keep =
+                request_port.filter(|p| scheme == req.scheme || *p != default_of_request_scheme);
+            (request_host, keep)
+        }
     };
     let default_port = if scheme == "https" { 443 } else { 80 };
-    let bracketed = if host.contains(':') && !host.starts_with('[') {
+    let host = if host.parse::<std::net::Ipv6Addr>().is_ok() {
         format!("[{host}]")
     } else {
         host.to_string()
     };
-    let mut location = format!("{scheme}://{bracketed}");
+    let mut location = format!("{scheme}://{host}");
     if let Some(port) = port.filter(|p| *p != default_port) {
         location.push(':');
         location.push_str(&port.to_string());
@@ -151,6 +156,38 @@ pub fn redirect_location(redirect: &Redirect, req: &RequestInfo<'_>) -> String {
         }
     }
     location
+}
+
+/// Removes `.` and `..` segments (RFC 3986 §5.2.4), as Istio's default `BASE` path normalization
+/// does, so `/public/../admin` is routed (and forwarded) as `/admin`. Returns `None` when the path
+/// has nothing to remove, which is the common case and costs one scan.
+pub fn normalize_path(path: &str) -> Option<String> {
+    let has_dot_segment = path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..");
+    if !has_dot_segment {
+        return None;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        match *segment {
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if i == last {
+                    out.push("");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Some(format!("/{}", out.join("/")))
 }
 
 #[cfg(test)]
@@ -223,5 +260,50 @@ mod tests {
             redirect_location(&r, &req(&h, "a.com:8080", "/p", None)),
             "https://b.com/p"
         );
+        let scheme_only = Redirect {
+            uri: None,
+            authority: None,
+            port: None,
+            scheme: Some("https".into()),
+            code: 301,
+        };
+        assert_eq!(
+            redirect_location(&scheme_only, &req(&h, "a.com:8080", "/p", None)),
+            "https://a.com:8080/p"
+        );
+        assert_eq!(
+            redirect_location(&scheme_only, &req(&h, "a.com:80", "/p", None)),
+            "https://a.com/p"
+        );
+        let with_port = Redirect {
+            authority: Some("b.com:8443".into()),
+            ..scheme_only.clone()
+        };
+        assert_eq!(
+            redirect_location(&with_port, &req(&h, "a.com", "/", None)),
+            "https://b.com:8443/"
+        );
+        let v6 = Redirect {
+            authority: Some("::1".into()),
+            ..scheme_only
+        };
+        assert_eq!(
+            redirect_location(&v6, &req(&h, "a.com", "/", None)),
+            "https://[::1]/"
+        );
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        assert_eq!(normalize_path("/a/b"), None);
+        assert_eq!(
+            normalize_path("/public/../admin").as_deref(),
+            Some("/admin")
+        );
+        assert_eq!(normalize_path("/a/./b/../c").as_deref(), Some("/a/c"));
+        assert_eq!(normalize_path("/../../x").as_deref(), Some("/x"));
+        assert_eq!(normalize_path("/a/..").as_deref(), Some("/"));
+        assert_eq!(normalize_path("/a/b/.").as_deref(), Some("/a/b/"));
+        assert_eq!(normalize_path("/a..b/c").as_deref(), None);
     }
 }
