@@ -538,3 +538,70 @@ async fn upstream_connections_are_pooled_and_resets_give_502() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn dot_segments_are_normalized_before_routing() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["public", "admin"]).await?;
+    yaml += &virtual_service(
+        "norm",
+        &["norm.test"],
+        "  - match: [{uri: {prefix: /admin}}]\n    route: [{destination: {host: admin.svc}}]\n\
+         \x20 - match: [{uri: {prefix: /public}}]\n    route: [{destination: {host: public.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    // reqwest would normalize the path itself; send the raw request line.
+    let raw = format!(
+        "GET /public/../admin/x?q=1 HTTP/1.1\r\nHost: norm.test\r\nConnection: close\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(raw.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    assert!(response.contains("\"backend\":\"admin\""), "{response}");
+    assert!(response.contains("\"path\":\"/admin/x\""), "{response}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn response_header_rules_apply_to_direct_responses_and_redirects() -> anyhow::Result<()> {
+    let port = free_port();
+    let yaml = gateway_yaml(port, &["*"])
+        + &virtual_service(
+            "own",
+            &["own.test"],
+            "  - match: [{uri: {prefix: /json}}]\n    directResponse: {status: 200, body: {string: '{}'}}\n\
+             \x20   headers: {response: {set: {content-type: application/json}}}\n\
+             \x20 - redirect: {uri: /json}\n    headers: {response: {add: {x-why: moved}}}\n",
+        );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let r = get(port, "own.test", "/json").await?;
+    assert_eq!(r.headers["content-type"], "application/json");
+    let r = get(port, "own.test", "/old").await?;
+    assert_eq!((r.status, r.headers["x-why"].to_str()?), (301, "moved"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_service_ports_are_reached_over_h2c() -> anyhow::Result<()> {
+    let port = free_port();
+    let upstream = echo("grpc-like").await?;
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: h2}}\nspec:\n\
+         \x20 hosts: [h2.svc]\n  ports: [{{number: 80, name: grpc, protocol: GRPC}}]\n  resolution: STATIC\n\
+         \x20 endpoints: [{{address: 127.0.0.1, ports: {{grpc: {}}}}}]\n",
+        upstream.port()
+    );
+    yaml += &virtual_service("h2", &["*"], "  - route: [{destination: {host: h2.svc}}]\n");
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let r = get(port, "h2.test", "/").await?;
+    assert_eq!(
+        (r.backend(), r.body["version"].as_str()),
+        ("grpc-like", Some("HTTP/2.0")),
+        "{r:?}"
+    );
+    Ok(())
+}
