@@ -56,29 +56,28 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
 
 /// A running `sluice run`, killed on drop.
 pub struct TestGateway {
-    child: Child,
+    pub child: Child,
     pub dir: tempfile::TempDir,
     pub ports: Vec<u16>,
+    /// The admin API port (`{{ADMIN}}` in the config).
+    pub admin_port: u16,
 }
 
 impl TestGateway {
     /// Starts sluice with `yaml` (a multi-document config) and waits for `ports` to accept.
+    /// `{{DIR}}` in the YAML becomes the gateway's own temporary directory and `{{ADMIN}}` a free
+    /// port for its admin API, so parallel tests never share certificates, sockets or ports.
     pub fn start(yaml: &str, ports: &[u16]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        std::fs::write(dir.path().join("config.yaml"), yaml)?;
-        let log = std::fs::File::create(dir.path().join("sluice.log"))?;
-        let child = Command::new(sluice_bin()?)
-            .args(["run", "--config"])
-            .arg(dir.path().join("config.yaml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning sluice")?;
+        let admin_port = free_port();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, Self::fill(yaml, dir.path(), admin_port))?;
+        let child = spawn_sluice(&config, dir.path(), false)?;
         let mut gateway = TestGateway {
             child,
             dir,
             ports: ports.to_vec(),
+            admin_port,
         };
         for port in ports {
             if let Err(e) = wait_for_port(
@@ -98,6 +97,73 @@ impl TestGateway {
         Ok(gateway)
     }
 
+    pub fn fill(yaml: &str, dir: &Path, admin_port: u16) -> String {
+        yaml.replace("{{DIR}}", &dir.display().to_string())
+            .replace("{{ADMIN}}", &admin_port.to_string())
+    }
+
+    /// Replaces the config file the way editors and `kubectl cp` do: write a temporary file, then
+    /// rename it over the old one.
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        let tmp = self.dir.path().join(".config.yaml.tmp");
+        std::fs::write(&tmp, Self::fill(yaml, self.dir.path(), self.admin_port))?;
+        std::fs::rename(&tmp, self.dir.path().join("config.yaml"))?;
+        Ok(())
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// `GET /api/v1/status` with the admin token Sluice wrote into its certs directory.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        let token = std::fs::read_to_string(self.dir.path().join("certs/admin.token"))?;
+        let response = client()
+            .get(self.admin_url("/api/v1/status"))
+            .bearer_auth(token.trim())
+            .send()
+            .await?;
+        Ok(response.json().await?)
+    }
+
+    /// Polls the status until `done` holds or `timeout` passes.
+    pub async fn wait_for_status(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            if let Ok(status) = self.status().await {
+                if done(&status) {
+                    return Ok(status);
+                }
+                if start.elapsed() > timeout {
+                    bail!("status did not reach the expected state in {timeout:?}: {status}");
+                }
+            } else if start.elapsed() > timeout {
+                bail!(
+                    "admin API not answering after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, `QUIT`, `INT`) with the `kill` command.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        send_signal(self.child.id(), name)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ports[0])
     }
@@ -112,6 +178,37 @@ impl Drop for TestGateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `sluice run --config <config>`, logging to `<dir>/sluice.log` (appending, so an upgraded
+/// process shares the log of the one it replaces).
+pub fn spawn_sluice(config: &Path, dir: &Path, upgrade: bool) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("sluice.log"))?;
+    let mut command = Command::new(sluice_bin()?);
+    command.args(["run", "--config"]).arg(config);
+    if upgrade {
+        command.arg("--upgrade");
+    }
+    command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("spawning sluice")
+}
+
+pub fn send_signal(pid: u32, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
 }
 
 /// Starts an echo upstream named `name` on an ephemeral loopback port.
@@ -188,11 +285,21 @@ pub fn validate(paths: &[&Path]) -> Result<Output> {
 pub fn gateway_yaml(port: u16, hosts: &[&str]) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
     format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {{name: sluice}}\n\
-         spec: {{bindAddress: 127.0.0.1, threads: 1}}\n---\n\
+        "{}---\n\
          apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n\
          \x20 - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [{}]\n",
+        settings_yaml(""),
         hosts.join(", ")
+    )
+}
+
+/// A GatewaySettings document for tests: loopback, one thread, the gateway's own directory and admin
+/// port (see [`TestGateway::start`]), plus `extra` lines of `spec` (each starting with two spaces).
+pub fn settings_yaml(extra: &str) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {{name: sluice}}\nspec:\n\
+         \x20 bindAddress: 127.0.0.1\n  threads: 1\n  admin: {{address: \"127.0.0.1:{{{{ADMIN}}}}\"}}\n\
+         \x20 certsDir: \"{{{{DIR}}}}/certs\"\n  upgradeSocket: \"{{{{DIR}}}}/upgrade.sock\"\n{extra}"
     )
 }
 

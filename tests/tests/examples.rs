@@ -22,10 +22,7 @@ async fn route_example(
 ) -> anyhow::Result<(HashMap<String, usize>, String)> {
     let (v1, v2) = (echo("v1").await?, echo("v2").await?);
     let mesh_port = free_port();
-    let mut yaml = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {{name: sluice}}\n\
-         spec: {{bindAddress: 127.0.0.1, threads: 1, meshListener: {{port: {mesh_port}}}}}\n"
-    );
+    let mut yaml = settings_yaml(&format!("  meshListener: {{port: {mesh_port}}}\n"));
     yaml += &service_entry_yaml(
         "servicea",
         "serviceA.default.svc.cluster.local",
@@ -110,7 +107,10 @@ fn mesh_bound_virtual_services_are_reported_when_no_mesh_listener_exists() -> an
 #[test]
 fn the_demo_serves_a_90_10_split_from_one_command() -> anyhow::Result<()> {
     let port = free_port();
+    // The demo writes its admin token under ./certs: keep that out of the source tree.
+    let cwd = tempfile::tempdir()?;
     let mut child = Command::new(sluice_bin()?)
+        .current_dir(cwd.path())
         .args(["demo", "--port", &port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -123,12 +123,31 @@ async fn reload(State(state): State<AdminState>, headers: HeaderMap) -> Response
     }
 }
 
+/// How long to keep trying to bind: during a graceful upgrade the old process holds the admin and
+/// health ports until it exits (only the proxy listeners are handed over).
+const BIND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
 async fn serve(addr: SocketAddr, app: Router, mut shutdown: ShutdownWatch, what: &str) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!("cannot bind the {what} on {addr}: {e}");
-            return;
+    let started = std::time::Instant::now();
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < BIND_RETRY_FOR =>
+            {
+                if started.elapsed() < std::time::Duration::from_millis(50) {
+                    info!("{what} address {addr} is in use (an upgrade in progress?); retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                error!("cannot bind the {what} on {addr}: {e}");
+                return;
+            }
         }
     };
     info!("{what} listening on http://{addr}/");
