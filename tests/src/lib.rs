@@ -318,3 +318,100 @@ pub fn service_entry_yaml(name: &str, host: &str, endpoints: &[(SocketAddr, &str
     }
     out
 }
+
+/// What a load run saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub requests: u64,
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+    /// Connections refused (nothing was listening): not a failure of an accepted request.
+    pub refused: u64,
+    /// Every other transport error, with the first few messages.
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn non_2xx(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(code, _)| !(200..300).contains(*code))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn merge(&mut self, other: LoadReport) {
+        self.requests += other.requests;
+        for (code, n) in other.statuses {
+            *self.statuses.entry(code).or_insert(0) += n;
+        }
+        self.refused += other.refused;
+        self.errors += other.errors;
+        self.error_samples
+            .extend(other.error_samples.into_iter().take(5));
+    }
+}
+
+/// Steady keep-alive load: `connections` workers each send `GET url` with `Host: host` one after
+/// another until stopped, or until `max` time passes (every load loop here is bounded).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    pub fn start(url: String, host: &str, connections: usize, max: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deadline = Instant::now() + max;
+        let workers = (0..connections)
+            .map(|_| {
+                let (url, host, stop) = (url.clone(), host.to_string(), stop.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut report = LoadReport::default();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        report.requests += 1;
+                        match client.get(&url).header("host", &host).send().await {
+                            Ok(response) => {
+                                let code = response.status().as_u16();
+                                let body = response.bytes().await;
+                                if let Err(e) = body {
+                                    report.errors += 1;
+                                    if report.error_samples.len() < 5 {
+                                        report.error_samples.push(format!("body: {e:?}"));
+                                    }
+                                }
+                                *report.statuses.entry(code).or_insert(0) += 1;
+                            }
+                            Err(e) if e.is_connect() => {
+                                report.refused += 1;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(e) => {
+                                report.errors += 1;
+                                if report.error_samples.len() < 5 {
+                                    report.error_samples.push(format!("{e:?}"));
+                                }
+                            }
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Load { stop, workers }
+    }
+
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for worker in self.workers {
+            if let Ok(report) = worker.await {
+                total.merge(report);
+            }
+        }
+        total
+    }
+}

@@ -55,6 +55,16 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
+    // `?sleep_ms=N` delays the answer (at most 10 s): a slow upstream for shutdown tests and demos.
+    let sleep_ms = parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sleep_ms=")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |ms| ms.min(10_000));
+    if sleep_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)).await;
+    }
     let body = body
         .collect()
         .await

@@ -79,6 +79,7 @@ async fn respond(
     extra: Option<(header::HeaderName, HeaderValue)>,
     body: Bytes,
     rules: Option<&HeaderOps>,
+    live: &Live,
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -89,12 +90,24 @@ async fn respond(
     if let Some(rules) = rules {
         apply_ops(&mut resp, rules)?;
     }
+    close_if_draining(session, &mut resp, live)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), body.is_empty() || head_only)
         .await?;
     if !body.is_empty() && !head_only {
         session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// While draining, HTTP/1.1 responses say `Connection: close` so clients move to new connections
+/// (on other replicas, or the upgraded process) before listeners stop, instead of racing a close
+/// with their next request on an idle keep-alive connection. This is what Envoy does when draining.
+fn close_if_draining(session: &mut Session, resp: &mut ResponseHeader, live: &Live) -> Result<()> {
+    if live.is_draining() && !session.is_http2() {
+        resp.insert_header(header::CONNECTION, "close")?;
+        session.set_keepalive(None);
     }
     Ok(())
 }
@@ -231,7 +244,7 @@ impl ProxyHttp for GatewayProxy {
         match answer {
             Some((status, extra, body)) => {
                 let rules = ctx.route.as_ref().map(|r| &r.def.headers.response);
-                respond(session, status, extra, body, rules).await?;
+                respond(session, status, extra, body, rules, &self.live).await?;
                 Ok(true)
             }
             None => Ok(false),
@@ -343,10 +356,11 @@ impl ProxyHttp for GatewayProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        close_if_draining(session, upstream_response, &self.live)?;
         if let Some(target) = ctx.target() {
             apply_ops(upstream_response, &target.headers.response)?;
         }

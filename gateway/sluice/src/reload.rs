@@ -272,20 +272,30 @@ impl BackgroundService for ReloadService {
                     if !relevant(&path, &paths) {
                         continue;
                     }
-                    let first = tokio::time::Instant::now();
-                    // Debounce: wait for quiet, but not forever.
-                    loop {
-                        let quiet = tokio::time::sleep(DEBOUNCE);
-                        let deadline = tokio::time::sleep_until(first + MAX_DELAY);
-                        tokio::select! {
-                            Some(_) = rx.recv() => continue,
-                            _ = quiet => break,
-                            _ = deadline => break,
-                        }
-                    }
+                    settle(&mut rx, &paths).await;
                     self.run_reload("file change", false).await;
                 }
             }
+        }
+    }
+}
+
+/// Waits until no relevant file event has come for [`DEBOUNCE`], or [`MAX_DELAY`] has passed since
+/// the first. Irrelevant events (a log file in the same directory) neither delay nor trigger it.
+async fn settle(rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>, paths: &[PathBuf]) {
+    let now = tokio::time::Instant::now();
+    let deadline = now + MAX_DELAY;
+    let mut quiet_until = now + DEBOUNCE;
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(path) if relevant(&path, paths) => {
+                    quiet_until = tokio::time::Instant::now() + DEBOUNCE;
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tokio::time::sleep_until(quiet_until.min(deadline)) => return,
         }
     }
 }
