@@ -178,6 +178,16 @@ fn normalize_request_path(req: &mut RequestHeader) -> Result<()> {
     }
 }
 
+/// Istio's `numTrustedProxies` (Envoy's `xff_num_trusted_hops`): with N proxies in front that each
+/// append to X-Forwarded-For, the client is the N-th address from the right of what arrived. With 0,
+/// or too few entries, nothing in the header is believed.
+fn trusted_client(forwarded: &str, trusted_hops: u32) -> Option<IpAddr> {
+    let hops = usize::try_from(trusted_hops).ok().filter(|n| *n > 0)?;
+    let entries: Vec<&str> = forwarded.split(',').map(str::trim).collect();
+    let index = entries.len().checked_sub(hops)?;
+    entries.get(index)?.parse().ok()
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -300,13 +310,25 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         if let Some(ip) = client_ip(session) {
             // Every X-Forwarded-For line the client sent, in order, then the address Sluice saw.
-            let mut forwarded = String::new();
+            let mut sent = String::new();
             for value in upstream_request.headers.get_all("x-forwarded-for") {
-                forwarded.push_str(&String::from_utf8_lossy(value.as_bytes()));
-                forwarded.push_str(", ");
+                if !sent.is_empty() {
+                    sent.push_str(", ");
+                }
+                sent.push_str(&String::from_utf8_lossy(value.as_bytes()));
             }
-            forwarded.push_str(&ip.to_string());
+            let trusted_hops = ctx
+                .generation
+                .as_ref()
+                .map_or(0, |g| g.snapshot.settings.num_trusted_proxies);
+            let external = trusted_client(&sent, trusted_hops).unwrap_or(ip);
+            let forwarded = if sent.is_empty() {
+                ip.to_string()
+            } else {
+                format!("{sent}, {ip}")
+            };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
+            upstream_request.insert_header("x-envoy-external-address", external.to_string())?;
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;
         // An absolute-form request (`GET http://host/path`) is routed by its authority; the
