@@ -25,9 +25,13 @@ fn subsets(v1: SocketAddr, v2: SocketAddr) -> String {
 /// Write `i` of the reload test: weights flip every write, an extra route comes and goes, and every
 /// tenth write is broken (a negative weight).
 fn reload_config(port: u16, backends: &str, i: usize) -> String {
-    let (w1, w2) = if i % 2 == 0 { (90, 10) } else { (10, 90) };
+    let (w1, w2) = if i.is_multiple_of(2) {
+        (90, 10)
+    } else {
+        (10, 90)
+    };
     let w1: i64 = if i % 10 == 9 { -1 } else { w1 };
-    let extra = if i % 3 == 0 {
+    let extra = if i.is_multiple_of(3) {
         "  - match: [{uri: {prefix: /extra}}]\n    directResponse: {status: 200, body: {string: extra}}\n"
     } else {
         ""
@@ -50,10 +54,9 @@ async fn a_hundred_rewrites_under_load_drop_nothing() -> anyhow::Result<()> {
     let load = Load::start(gw.url("/"), "load.test", 32, Duration::from_secs(90));
     let started = Instant::now();
     let mut generation = 1;
-    let mut attempts = 0;
     for i in 1..=100 {
         gw.write_config(&reload_config(port, &backends, i))?;
-        attempts += 1;
+        let attempts = i as u64;
         if i % 10 == 9 {
             let status = gw
                 .wait_for_status(Duration::from_secs(10), |s| {
@@ -329,5 +332,70 @@ async fn graceful_upgrade_under_load_fails_no_request() -> anyhow::Result<()> {
     );
     assert_eq!(report.errors, 0, "{:?}", report.error_samples);
     assert_eq!(report.non_2xx(), 0, "{:?}", report.statuses);
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_api_needs_its_token_and_the_health_port_answers() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let port = free_port();
+    let health = free_port();
+    let yaml = direct(port, "one").replace(
+        "  threads: 1\n",
+        &format!("  threads: 1\n  healthPort: {health}\n"),
+    );
+    let gw = TestGateway::start(&yaml, &[port, health])?;
+    let token_file = gw.dir.path().join("certs/admin.token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file)?.permissions().mode() & 0o777,
+        0o600
+    );
+
+    let c = client();
+    let anonymous = c.get(gw.admin_url("/api/v1/status")).send().await?;
+    assert_eq!(anonymous.status(), 401);
+    let wrong = c
+        .get(gw.admin_url("/api/v1/status"))
+        .bearer_auth("not-the-token")
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+    let status = gw.status().await?;
+    assert_eq!(
+        (status["generation"].as_u64(), status["ready"].as_bool()),
+        (Some(1), Some(true))
+    );
+
+    // Forced reload through the API.
+    let token = std::fs::read_to_string(&token_file)?;
+    let reloaded: serde_json::Value = c
+        .post(gw.admin_url("/api/v1/reload"))
+        .bearer_auth(token.trim())
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(reloaded["generation"], 2);
+
+    for (url, expected) in [
+        (format!("http://127.0.0.1:{health}/healthz"), "ok\n"),
+        (format!("http://127.0.0.1:{health}/readyz"), "ready\n"),
+        (gw.admin_url("/healthz"), "ok\n"),
+        (gw.admin_url("/readyz"), "ready\n"),
+    ] {
+        let r = c.get(&url).send().await?;
+        assert_eq!(
+            (r.status().as_u16(), r.text().await?),
+            (200, expected.to_string()),
+            "{url}"
+        );
+    }
+    // The health port serves nothing else.
+    let r = c
+        .get(format!("http://127.0.0.1:{health}/api/v1/status"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
     Ok(())
 }

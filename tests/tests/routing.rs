@@ -552,9 +552,7 @@ async fn dot_segments_are_normalized_before_routing() -> anyhow::Result<()> {
     );
     let _gw = TestGateway::start(&yaml, &[port])?;
     // reqwest would normalize the path itself; send the raw request line.
-    let raw = format!(
-        "GET /public/../admin/x?q=1 HTTP/1.1\r\nHost: norm.test\r\nConnection: close\r\n\r\n"
-    );
+    let raw = "GET /public/../admin/x?q=1 HTTP/1.1\r\nHost: norm.test\r\nConnection: close\r\n\r\n";
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream.write_all(raw.as_bytes()).await?;

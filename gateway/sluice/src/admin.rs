@@ -69,27 +69,27 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-fn authorized(headers: &HeaderMap, token: &str) -> Result<(), Response> {
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if token_matches(given.as_bytes(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "admin API needs `Authorization: Bearer <token>` (see spec.admin.tokenFile)\n",
-        )
-            .into_response())
-    }
+    token_matches(given.as_bytes(), token.as_bytes())
+}
+
+fn denied() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "admin API needs `Authorization: Bearer <token>` (see spec.admin.tokenFile)\n",
+    )
+        .into_response()
 }
 
 async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorized(&headers, &state.token) {
-        return denied;
+    if !authorized(&headers, &state.token) {
+        return denied();
     }
     let status = state.live.status();
     Json(serde_json::json!({
@@ -108,8 +108,8 @@ async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response
 }
 
 async fn reload(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorized(&headers, &state.token) {
-        return denied;
+    if !authorized(&headers, &state.token) {
+        return denied();
     }
     let reloader = state.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.reload("admin API", true)).await {
