@@ -292,6 +292,8 @@ pub struct VirtualService {
     pub hosts: Vec<HostPattern>,
     pub bindings: Vec<Binding>,
     pub http: Vec<std::sync::Arc<HttpRoute>>,
+    pub tls: Vec<TlsRoute>,
+    pub tcp: Vec<TcpRoute>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -299,6 +301,119 @@ pub enum ServerProtocol {
     Http,
     Http2,
     Grpc,
+    Https,
+    Tls,
+    Tcp,
+}
+
+/// What a listener port speaks first. Servers of one family may share a port; different families
+/// never do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenerFamily {
+    /// HTTP/1.1 and h2c: HTTP, HTTP2, GRPC servers.
+    PlainHttp,
+    /// A TLS handshake first: HTTPS (terminated) and TLS (passed through) servers.
+    Tls,
+    /// Raw TCP, routed by port.
+    Tcp,
+}
+
+impl ServerProtocol {
+    pub fn family(self) -> ListenerFamily {
+        match self {
+            ServerProtocol::Http | ServerProtocol::Http2 | ServerProtocol::Grpc => {
+                ListenerFamily::PlainHttp
+            }
+            ServerProtocol::Https | ServerProtocol::Tls => ListenerFamily::Tls,
+            ServerProtocol::Tcp => ListenerFamily::Tcp,
+        }
+    }
+
+    pub fn is_tls(self) -> bool {
+        self.family() == ListenerFamily::Tls
+    }
+}
+
+/// Where a value was written, for errors found after validation (a certificate that does not load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub file: std::path::PathBuf,
+    pub position: crate::source::Position,
+}
+
+impl fmt::Display for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}",
+            self.file.display(),
+            self.position.line,
+            self.position.column
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    Simple,
+    Mutual,
+    OptionalMutual,
+    Passthrough,
+}
+
+/// Where a certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Credential {
+    /// `credentialName`: `certsDir/NAME.crt` + `.key`, or `certsDir/NAME/tls.crt` + `tls.key`.
+    Name(String),
+    Files {
+        certificate: std::path::PathBuf,
+        private_key: std::path::PathBuf,
+    },
+}
+
+/// A Gateway server's `tls` block, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub mode: TlsMode,
+    /// `None` only for PASSTHROUGH.
+    pub credential: Option<Credential>,
+    /// `caCertificates` for MUTUAL/OPTIONAL_MUTUAL (else the credential's `-cacert`/`ca.crt`).
+    pub ca_certificates: Option<std::path::PathBuf>,
+    pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
+    /// OpenSSL-style names, already checked against what Sluice can offer. Empty: the defaults.
+    pub cipher_suites: Vec<String>,
+    pub written: Written,
+}
+
+/// The TLS 1.2 suites Sluice (rustls) offers, by the OpenSSL names Istio's `cipherSuites` uses.
+/// TLS 1.3 suites are not configurable, as in Envoy.
+pub const CIPHER_SUITES: [&str; 6] = [
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+];
+
+/// `DestinationRule.trafficPolicy.tls`: how Sluice speaks TLS to an upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// `sni`, else the destination host.
+    pub sni: Option<String>,
+    /// `caCertificates`, else the system roots.
+    pub ca_certificates: Option<std::path::PathBuf>,
+    /// MUTUAL: `clientCertificate` and `privateKey`.
+    pub client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    pub insecure_skip_verify: bool,
 }
 
 /// Which VirtualService namespaces may attach to a server host (`ns/host`, `./host`, `*/host`).
@@ -319,6 +434,38 @@ pub struct Server {
     pub port: u16,
     pub protocol: ServerProtocol,
     pub hosts: Vec<ServerHost>,
+    pub tls: Option<ServerTls>,
+    /// `tls.httpsRedirect` on a plaintext server: every request is sent to https.
+    pub https_redirect: bool,
+}
+
+/// One `match` block of a TLS route.
+#[derive(Debug, Clone)]
+pub struct TlsMatch {
+    pub sni_hosts: Vec<HostPattern>,
+    pub port: Option<u16>,
+    pub gateways: Option<Vec<String>>,
+}
+
+/// One `match` block of a TCP route.
+#[derive(Debug, Clone)]
+pub struct L4Match {
+    pub port: Option<u16>,
+    pub gateways: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsRoute {
+    pub label: String,
+    pub matches: Vec<TlsMatch>,
+    pub destinations: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    pub label: String,
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<RouteDestination>,
 }
 
 #[derive(Debug, Clone)]
@@ -362,8 +509,11 @@ pub struct ServicePortModel {
     pub number: u16,
     pub name: Option<String>,
     pub target_port: Option<u16>,
-    /// `None`: a protocol HTTP routes cannot use (TCP, TLS, HTTPS without origination…), named.
+    /// `Err`: a protocol HTTP routes cannot use, and why (TCP; HTTPS/TLS unless a
+    /// DestinationRule originates TLS).
     pub http: Result<UpstreamProtocol, String>,
+    /// The port speaks TLS itself (`HTTPS`, `TLS`): HTTP routes need TLS origination.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -442,6 +592,20 @@ impl Default for Settings {
     }
 }
 
+/// The TLS origination for a destination: the subset's policy if it has one, else the rule's.
+pub fn upstream_tls_for<'m>(
+    policies: &'m BTreeMap<(String, Option<String>), Option<UpstreamTls>>,
+    host: &str,
+    subset: Option<&str>,
+) -> Option<&'m UpstreamTls> {
+    if let Some(subset) = subset {
+        if let Some(policy) = policies.get(&(host.to_string(), Some(subset.to_string()))) {
+            return policy.as_ref();
+        }
+    }
+    policies.get(&(host.to_string(), None))?.as_ref()
+}
+
 /// A whole validated config.
 #[derive(Debug, Clone, Default)]
 pub struct Model {
@@ -452,5 +616,9 @@ pub struct Model {
     pub services: BTreeMap<String, Service>,
     /// (FQDN, subset name) → labels the subset selects.
     pub subsets: BTreeMap<(String, String), BTreeMap<String, String>>,
+    /// (FQDN, subset) → TLS origination; `(host, None)` is the DestinationRule's own policy, which a
+    /// subset's policy replaces.
+    /// `None` values are an explicit `mode: DISABLE`.
+    pub upstream_tls: BTreeMap<(String, Option<String>), Option<UpstreamTls>>,
     pub files: Vec<std::path::PathBuf>,
 }

@@ -59,13 +59,13 @@ impl Validator<'_> {
         self.duplicates();
         let gateways = self.gateways();
         let services = self.service_entries();
-        let subsets = self.destination_rules();
+        let (subsets, upstream_tls) = self.destination_rules();
         let gateway_ids: BTreeSet<String> = gateways.iter().map(|g| g.id.clone()).collect();
         let virtual_services = self
             .set
             .virtual_services
             .iter()
-            .map(|vs| self.virtual_service(vs, &gateway_ids, &services, &subsets))
+            .map(|vs| self.virtual_service(vs, &gateway_ids, &services, &subsets, &upstream_tls))
             .collect();
         if let (Some(mesh_port), Some(doc)) = (settings.mesh_port, self.set.settings.first()) {
             if let Some(gateway) = gateways
@@ -91,6 +91,7 @@ impl Validator<'_> {
             virtual_services,
             services,
             subsets,
+            upstream_tls,
             files: self.set.files.clone(),
         };
         self.binding_warnings(&model);
@@ -301,9 +302,12 @@ impl Validator<'_> {
                 let base = format!("spec.servers[{i}]");
                 if let Some(server) = self.server(doc, server, &base) {
                     match protocols_by_port.get(&server.port) {
-                        Some((protocol, first)) if *protocol != server.protocol => {
+                        Some((protocol, first))
+                            if protocol.family() != server.protocol.family() =>
+                        {
                             let message = format!(
-                                "port {} is already served with another protocol by {first}",
+                                "port {} is already served by {first} with {protocol:?}: plaintext HTTP, \
+                                 TLS and TCP servers cannot share a port",
                                 server.port
                             );
                             self.error(
@@ -349,14 +353,17 @@ impl Validator<'_> {
             "HTTP" => Some(ServerProtocol::Http),
             "HTTP2" => Some(ServerProtocol::Http2),
             "GRPC" => Some(ServerProtocol::Grpc),
-            "HTTPS" | "TLS" | "TCP" | "GRPC-WEB" | "MONGO" => {
+            "HTTPS" => Some(ServerProtocol::Https),
+            "TLS" => Some(ServerProtocol::Tls),
+            "TCP" => Some(ServerProtocol::Tcp),
+            "GRPC-WEB" | "MONGO" => {
                 self.error(
                     At {
                         origin,
                         path: protocol_path.clone(),
                     },
                     format!(
-                        "`{base}.port.protocol` {} is not supported yet (supported: HTTP, HTTP2, GRPC)",
+                        "`{base}.port.protocol` {} is not supported yet (supported: HTTP, HTTP2, GRPC, HTTPS, TLS, TCP)",
                         server.port.protocol
                     ),
                 );
@@ -376,13 +383,21 @@ impl Validator<'_> {
                 None
             }
         };
-        if server.tls.is_some() {
+        let (tls, https_redirect) = match protocol {
+            Some(protocol) => self.server_tls(origin, server, base, protocol),
+            None => (None, false),
+        };
+        // TODO(issue 3): remove once TLS and TCP listeners are served.
+        if protocol.is_some_and(|p| p.family() != ListenerFamily::PlainHttp) {
             self.error(
                 At {
                     origin,
-                    path: format!("{base}.tls"),
+                    path: protocol_path.clone(),
                 },
-                format!("`{base}.tls` is not supported yet"),
+                format!(
+                    "`{base}.port.protocol` {} is not supported yet",
+                    server.port.protocol
+                ),
             );
         }
         if server.hosts.is_empty() {
@@ -433,7 +448,231 @@ impl Validator<'_> {
             port: port?,
             protocol: protocol?,
             hosts,
+            tls,
+            https_redirect,
         })
+    }
+
+    /// Checks a server's `tls` block against its protocol. Returns the validated settings for
+    /// HTTPS/TLS servers and whether a plaintext server redirects to https.
+    fn server_tls(
+        &mut self,
+        origin: &Origin,
+        server: &istio::Server,
+        base: &str,
+        protocol: ServerProtocol,
+    ) -> (Option<ServerTls>, bool) {
+        let at = |p: &str| At {
+            origin,
+            path: p.into(),
+        };
+        let tls_path = format!("{base}.tls");
+        let Some(tls) = &server.tls else {
+            if protocol.is_tls() {
+                let what = if protocol == ServerProtocol::Https {
+                    "an HTTPS"
+                } else {
+                    "a TLS"
+                };
+                self.error(
+                    at(base),
+                    format!(
+                        "{what} server needs `tls` (`mode: SIMPLE` with `credentialName`, or \
+                         `mode: PASSTHROUGH`)"
+                    ),
+                );
+            }
+            return (None, false);
+        };
+        if !protocol.is_tls() {
+            let only_redirect = tls.mode.is_none()
+                && tls.server_certificate.is_none()
+                && tls.private_key.is_none()
+                && tls.credential_name.is_none()
+                && tls.ca_certificates.is_none()
+                && tls.min_protocol_version.is_none()
+                && tls.max_protocol_version.is_none()
+                && tls.cipher_suites.is_none();
+            if !only_redirect {
+                self.error(
+                    at(&tls_path),
+                    "a plaintext server accepts only `tls.httpsRedirect`; certificates belong to an \
+                     HTTPS server",
+                );
+            }
+            return (None, tls.https_redirect);
+        }
+        if tls.https_redirect {
+            self.error(
+                at(&format!("{tls_path}.httpsRedirect")),
+                "`httpsRedirect` belongs on the plaintext (HTTP) server that should redirect",
+            );
+        }
+        // Istio's default mode is PASSTHROUGH (the enum's zero value).
+        let mode = match tls.mode.as_deref().unwrap_or("PASSTHROUGH") {
+            "SIMPLE" => TlsMode::Simple,
+            "MUTUAL" => TlsMode::Mutual,
+            "OPTIONAL_MUTUAL" => TlsMode::OptionalMutual,
+            "PASSTHROUGH" => TlsMode::Passthrough,
+            "ISTIO_MUTUAL" | "AUTO_PASSTHROUGH" => {
+                self.error(
+                    at(&format!("{tls_path}.mode")),
+                    format!(
+                        "`{tls_path}.mode` {} is not supported yet (mesh mTLS)",
+                        tls.mode.as_deref().unwrap_or("")
+                    ),
+                );
+                return (None, false);
+            }
+            other => {
+                self.error(
+                    at(&format!("{tls_path}.mode")),
+                    format!("unknown TLS mode `{other}`: use SIMPLE, MUTUAL, OPTIONAL_MUTUAL or PASSTHROUGH"),
+                );
+                return (None, false);
+            }
+        };
+        if protocol == ServerProtocol::Tls && mode != TlsMode::Passthrough {
+            self.error(
+                at(&format!("{tls_path}.mode")),
+                "terminating TLS on a `TLS` server (to route TCP) is not supported yet: use \
+                 PASSTHROUGH, or protocol HTTPS to route HTTP",
+            );
+            return (None, false);
+        }
+        let credential = match (
+            &tls.credential_name,
+            &tls.server_certificate,
+            &tls.private_key,
+        ) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                self.error(
+                    at(&tls_path),
+                    "use either `credentialName` or `serverCertificate` + `privateKey`, not both",
+                );
+                return (None, false);
+            }
+            (Some(name), None, None) => {
+                if let Err(e) = check_credential_name(name) {
+                    self.error(at(&format!("{tls_path}.credentialName")), e);
+                    return (None, false);
+                }
+                Some(Credential::Name(name.clone()))
+            }
+            (None, Some(cert), Some(key)) => Some(Credential::Files {
+                certificate: cert.into(),
+                private_key: key.into(),
+            }),
+            (None, Some(_), None) | (None, None, Some(_)) => {
+                self.error(
+                    at(&tls_path),
+                    "`serverCertificate` and `privateKey` go together",
+                );
+                return (None, false);
+            }
+            (None, None, None) => None,
+        };
+        if mode == TlsMode::Passthrough {
+            if credential.is_some() || tls.ca_certificates.is_some() {
+                self.error(
+                    at(&tls_path),
+                    "PASSTHROUGH does not terminate TLS: remove the certificate fields (or use SIMPLE)",
+                );
+            }
+        } else if credential.is_none() {
+            self.error(
+                at(&tls_path),
+                "a terminating server needs `credentialName` (files under certsDir) or \
+                 `serverCertificate` + `privateKey`",
+            );
+            return (None, false);
+        }
+        let mutual = matches!(mode, TlsMode::Mutual | TlsMode::OptionalMutual);
+        if mutual
+            && tls.ca_certificates.is_none()
+            && !matches!(credential, Some(Credential::Name(_)))
+        {
+            self.error(
+                at(&tls_path),
+                "MUTUAL needs `caCertificates` (or a `credentialName` whose CA is stored beside it)",
+            );
+        }
+        if !mutual && tls.ca_certificates.is_some() {
+            self.error(
+                at(&format!("{tls_path}.caCertificates")),
+                "`caCertificates` verifies client certificates: use mode MUTUAL or OPTIONAL_MUTUAL",
+            );
+        }
+        let mut version = |field: &str,
+                           value: &Option<String>,
+                           default: TlsVersion|
+         -> TlsVersion {
+            match value.as_deref() {
+                None | Some("TLS_AUTO") => default,
+                Some("TLSV1_2") => TlsVersion::Tls12,
+                Some("TLSV1_3") => TlsVersion::Tls13,
+                Some(old @ ("TLSV1_0" | "TLSV1_1")) => {
+                    self.error(
+                        at(&format!("{tls_path}.{field}")),
+                        format!("{old} is refused: Sluice speaks TLS 1.2 and 1.3 only"),
+                    );
+                    default
+                }
+                Some(other) => {
+                    self.error(
+                        at(&format!("{tls_path}.{field}")),
+                        format!("unknown TLS version `{other}`: use TLSV1_2, TLSV1_3 or TLS_AUTO"),
+                    );
+                    default
+                }
+            }
+        };
+        let min_version = version(
+            "minProtocolVersion",
+            &tls.min_protocol_version,
+            TlsVersion::Tls12,
+        );
+        let max_version = version(
+            "maxProtocolVersion",
+            &tls.max_protocol_version,
+            TlsVersion::Tls13,
+        );
+        if min_version > max_version {
+            self.error(
+                at(&format!("{tls_path}.minProtocolVersion")),
+                "minProtocolVersion is above maxProtocolVersion",
+            );
+        }
+        let mut cipher_suites = Vec::new();
+        for (i, suite) in tls.cipher_suites.iter().flatten().enumerate() {
+            if CIPHER_SUITES.contains(&suite.as_str()) {
+                cipher_suites.push(suite.clone());
+            } else {
+                self.error(
+                    at(&format!("{tls_path}.cipherSuites[{i}]")),
+                    format!(
+                        "cipher suite `{suite}` is not offered (TLS 1.2 suites available: {})",
+                        CIPHER_SUITES.join(", ")
+                    ),
+                );
+            }
+        }
+        let position = origin.position_of(&tls_path);
+        (
+            Some(ServerTls {
+                mode,
+                credential,
+                ca_certificates: tls.ca_certificates.as_ref().map(Into::into),
+                min_version,
+                max_version,
+                cipher_suites,
+                written: Written {
+                    file: origin.file_name().to_path_buf(),
+                    position,
+                },
+            }),
+            false,
+        )
     }
 
     // ------------------------------------------------------------ ServiceEntry
@@ -483,9 +722,7 @@ impl Validator<'_> {
                 {
                     None | Some("HTTP") => Ok(UpstreamProtocol::Http1),
                     Some("HTTP2" | "GRPC" | "GRPC-WEB") => Ok(UpstreamProtocol::Http2),
-                    Some(other @ ("HTTPS" | "TLS")) => Err(format!(
-                        "protocol {other} needs TLS origination, which is not supported yet"
-                    )),
+                    Some("HTTPS" | "TLS") => Ok(UpstreamProtocol::Http1),
                     Some(other @ ("TCP" | "MONGO" | "MYSQL" | "REDIS" | "UDP")) => {
                         Err(format!("protocol {other} cannot carry HTTP routes"))
                     }
@@ -500,12 +737,20 @@ impl Validator<'_> {
                         continue;
                     }
                 };
+                let tls = matches!(
+                    p.protocol
+                        .as_deref()
+                        .map(str::to_ascii_uppercase)
+                        .as_deref(),
+                    Some("HTTPS" | "TLS")
+                );
                 if let Some(number) = number {
                     ports.push(ServicePortModel {
                         number,
                         name: p.name.clone(),
                         target_port,
                         http,
+                        tls,
                     });
                 }
             }
@@ -609,9 +854,10 @@ impl Validator<'_> {
 
     // ------------------------------------------------------------ DestinationRule
 
-    fn destination_rules(&mut self) -> BTreeMap<(String, String), BTreeMap<String, String>> {
+    fn destination_rules(&mut self) -> (Subsets, UpstreamTlsPolicies) {
         let set = self.set;
         let mut subsets = BTreeMap::new();
+        let mut policies = BTreeMap::new();
         let mut rule_for_host: HashMap<String, &Origin> = HashMap::new();
         for doc in &set.destination_rules {
             let origin = &doc.origin;
@@ -630,7 +876,18 @@ impl Validator<'_> {
                 continue;
             }
             rule_for_host.insert(host.clone(), origin);
+            if let Some(policy) = &doc.spec.traffic_policy {
+                if let Some(tls) = self.upstream_tls(origin, policy, "spec.trafficPolicy") {
+                    policies.insert((host.clone(), None), tls);
+                }
+            }
             for (i, subset) in doc.spec.subsets.iter().enumerate() {
+                if let Some(policy) = &subset.traffic_policy {
+                    let base = format!("spec.subsets[{i}].trafficPolicy");
+                    if let Some(tls) = self.upstream_tls(origin, policy, &base) {
+                        policies.insert((host.clone(), Some(subset.name.clone())), tls);
+                    }
+                }
                 let path = format!("spec.subsets[{i}].name");
                 if subset.name.is_empty() {
                     self.error(at(&path), "subset needs a `name`");
@@ -645,7 +902,80 @@ impl Validator<'_> {
                 subsets.insert(key, subset.labels.0.clone());
             }
         }
-        subsets
+        (subsets, policies)
+    }
+
+    /// `trafficPolicy.tls`. Returns `Some(None)` for an explicit DISABLE, `None` when absent or
+    /// invalid.
+    fn upstream_tls(
+        &mut self,
+        origin: &Origin,
+        policy: &istio::TrafficPolicy,
+        base: &str,
+    ) -> Option<Option<UpstreamTls>> {
+        let tls = policy.tls.as_ref()?;
+        let at = |p: &str| At {
+            origin,
+            path: p.into(),
+        };
+        let path = format!("{base}.tls");
+        let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+        let client_certificate = match (&tls.client_certificate, &tls.private_key) {
+            (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+            (None, None) => None,
+            _ => {
+                self.error(
+                    at(&path),
+                    "`clientCertificate` and `privateKey` go together",
+                );
+                return None;
+            }
+        };
+        match mode {
+            "DISABLE" => Some(None),
+            "SIMPLE" | "MUTUAL" => {
+                if mode == "MUTUAL" && client_certificate.is_none() {
+                    self.error(
+                        at(&path),
+                        "MUTUAL needs `clientCertificate` and `privateKey`",
+                    );
+                    return None;
+                }
+                if mode == "SIMPLE" && client_certificate.is_some() {
+                    self.error(
+                        at(&path),
+                        "SIMPLE sends no client certificate: remove `clientCertificate`/`privateKey` or use MUTUAL",
+                    );
+                    return None;
+                }
+                if let Some(sni) = &tls.sni {
+                    if let Err(e) = check_dns_name(sni) {
+                        self.error(at(&format!("{path}.sni")), e);
+                        return None;
+                    }
+                }
+                Some(Some(UpstreamTls {
+                    sni: tls.sni.clone(),
+                    ca_certificates: tls.ca_certificates.as_ref().map(Into::into),
+                    client_certificate,
+                    insecure_skip_verify: tls.insecure_skip_verify.unwrap_or(false),
+                }))
+            }
+            "ISTIO_MUTUAL" => {
+                self.error(
+                    at(&format!("{path}.mode")),
+                    format!("`{path}.mode` ISTIO_MUTUAL is not supported yet (mesh mTLS)"),
+                );
+                None
+            }
+            other => {
+                self.error(
+                    at(&format!("{path}.mode")),
+                    format!("unknown TLS mode `{other}`: use DISABLE, SIMPLE or MUTUAL"),
+                );
+                None
+            }
+        }
     }
 
     // ------------------------------------------------------------ VirtualService
@@ -655,7 +985,8 @@ impl Validator<'_> {
         doc: &Document<istio::VirtualServiceSpec>,
         gateway_ids: &BTreeSet<String>,
         services: &BTreeMap<String, Service>,
-        subsets: &BTreeMap<(String, String), BTreeMap<String, String>>,
+        subsets: &Subsets,
+        upstream_tls: &UpstreamTlsPolicies,
     ) -> VirtualService {
         let origin = &doc.origin;
         let namespace = doc.metadata.namespace().to_string();
@@ -712,6 +1043,7 @@ impl Validator<'_> {
                 gateway_ids,
                 services,
                 subsets,
+                upstream_tls,
             };
             if let Some(compiled) = self.http_route(&ctx, route, &doc.id(), i) {
                 http.push(std::sync::Arc::new(compiled));
@@ -720,6 +1052,29 @@ impl Validator<'_> {
                 catch_all_at = Some(i);
             }
         }
+        let l4_ctx = RouteCtx {
+            origin,
+            base: "",
+            namespace: &namespace,
+            gateway_ids,
+            services,
+            subsets,
+            upstream_tls,
+        };
+        let tls = doc
+            .spec
+            .tls
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| self.tls_route(&l4_ctx, &hosts, route, &doc.id(), i))
+            .collect();
+        let tcp = doc
+            .spec
+            .tcp
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| self.tcp_route(&l4_ctx, route, &doc.id(), i))
+            .collect();
         for (i, route) in doc.spec.http.iter().enumerate() {
             for (j, m) in route.matches.iter().enumerate() {
                 for (k, name) in m.gateways.iter().flatten().enumerate() {
@@ -748,7 +1103,171 @@ impl Validator<'_> {
             hosts,
             bindings,
             http,
+            tls,
+            tcp,
         }
+    }
+
+    fn tls_route(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        vs_hosts: &[HostPattern],
+        route: &istio::TlsRoute,
+        vs_id: &str,
+        index: usize,
+    ) -> Option<TlsRoute> {
+        let origin = ctx.origin;
+        let base = format!("spec.tls[{index}]");
+        let at = |p: &str| At {
+            origin,
+            path: p.into(),
+        };
+        if route.matches.is_empty() {
+            self.error(
+                at(&base),
+                "a TLS route needs `match` with `sniHosts` (the names it routes)",
+            );
+            return None;
+        }
+        let mut ok = true;
+        let mut matches = Vec::new();
+        for (j, m) in route.matches.iter().enumerate() {
+            let path = format!("{base}.match[{j}]");
+            if m.sni_hosts.is_empty() {
+                self.error(at(&path), "`sniHosts` is required in a TLS route match");
+                ok = false;
+            }
+            let mut sni_hosts = Vec::new();
+            for (k, raw) in m.sni_hosts.iter().enumerate() {
+                let sni_path = format!("{path}.sniHosts[{k}]");
+                match HostPattern::parse(&expand_short_name(raw, ctx.namespace)) {
+                    Ok(sni) if vs_hosts.iter().any(|h| h.intersect(&sni).is_some()) => {
+                        sni_hosts.push(sni)
+                    }
+                    Ok(sni) => {
+                        self.error(
+                            at(&sni_path),
+                            format!("SNI host `{sni}` is not one of this VirtualService's `hosts`"),
+                        );
+                        ok = false;
+                    }
+                    Err(e) => {
+                        self.error(at(&sni_path), e);
+                        ok = false;
+                    }
+                }
+            }
+            let port = match m.port {
+                Some(p) => {
+                    let port = self.port(p, at(&format!("{path}.port")));
+                    ok &= port.is_some();
+                    port
+                }
+                None => None,
+            };
+            matches.push(TlsMatch {
+                sni_hosts,
+                port,
+                gateways: self.match_gateways(ctx, m.gateways.as_ref(), &path),
+            });
+        }
+        let destinations = self.l4_destinations(ctx, &route.route, &base)?;
+        ok.then(|| TlsRoute {
+            label: format!("{vs_id} tls[{index}]"),
+            matches,
+            destinations,
+        })
+    }
+
+    fn tcp_route(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        route: &istio::TcpRoute,
+        vs_id: &str,
+        index: usize,
+    ) -> Option<TcpRoute> {
+        let origin = ctx.origin;
+        let base = format!("spec.tcp[{index}]");
+        let mut ok = true;
+        let mut matches = Vec::new();
+        for (j, m) in route.matches.iter().enumerate() {
+            let path = format!("{base}.match[{j}]");
+            let port = match m.port {
+                Some(p) => {
+                    let port = self.port(
+                        p,
+                        At {
+                            origin,
+                            path: format!("{path}.port"),
+                        },
+                    );
+                    ok &= port.is_some();
+                    port
+                }
+                None => None,
+            };
+            matches.push(L4Match {
+                port,
+                gateways: self.match_gateways(ctx, m.gateways.as_ref(), &path),
+            });
+        }
+        let destinations = self.l4_destinations(ctx, &route.route, &base)?;
+        ok.then(|| TcpRoute {
+            label: format!("{vs_id} tcp[{index}]"),
+            matches,
+            destinations,
+        })
+    }
+
+    fn match_gateways(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        gateways: Option<&Vec<String>>,
+        path: &str,
+    ) -> Option<Vec<String>> {
+        let list = gateways?;
+        let mut refs = Vec::new();
+        for (i, name) in list.iter().enumerate() {
+            let at = At {
+                origin: ctx.origin,
+                path: format!("{path}.gateways[{i}]"),
+            };
+            match self.gateway_ref(name, ctx.namespace, ctx.gateway_ids, at) {
+                Some(Binding::Gateway(id)) => refs.push(id),
+                Some(Binding::Mesh) => refs.push("mesh".to_string()),
+                None => {}
+            }
+        }
+        Some(refs)
+    }
+
+    /// Destinations of a TLS or TCP route: weighted like HTTP ones, without header rules.
+    fn l4_destinations(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        route: &[istio::L4RouteDestination],
+        base: &str,
+    ) -> Option<Vec<RouteDestination>> {
+        if route.is_empty() {
+            self.error(
+                At {
+                    origin: ctx.origin,
+                    path: base.into(),
+                },
+                format!("`{base}` needs `route` with at least one destination"),
+            );
+            return None;
+        }
+        let as_http: Vec<istio::HttpRouteDestination> = route
+            .iter()
+            .map(|d| istio::HttpRouteDestination {
+                destination: d.destination.clone(),
+                weight: d.weight,
+                headers: None,
+            })
+            .collect();
+        let l4 = RouteCtx { base, ..*ctx };
+        self.weighted_destinations(&l4, &as_http, true)
     }
 
     fn gateway_ref(
@@ -847,7 +1366,8 @@ impl Validator<'_> {
             self.direct_response(ctx.origin, direct, &format!("{base}.directResponse"))
                 .map(Action::Respond)
         } else {
-            self.destinations(ctx, &route.route).map(Action::Forward)
+            self.weighted_destinations(ctx, &route.route, false)
+                .map(Action::Forward)
         };
         let label = match &route.name {
             Some(name) => format!("{vs_id} http[{index}] ({name})"),
@@ -921,29 +1441,11 @@ impl Validator<'_> {
             }
             None => None,
         };
-        let gateways = match &m.gateways {
-            Some(list) => {
-                let mut refs = Vec::new();
-                for (i, name) in list.iter().enumerate() {
-                    let path = format!("{base}.gateways[{i}]");
-                    match self.gateway_ref(
-                        name,
-                        ctx.namespace,
-                        ctx.gateway_ids,
-                        At {
-                            origin,
-                            path: path.clone(),
-                        },
-                    ) {
-                        Some(Binding::Gateway(id)) => refs.push(id),
-                        Some(Binding::Mesh) => refs.push("mesh".to_string()),
-                        None => ok = false,
-                    }
-                }
-                Some(refs)
-            }
-            None => None,
-        };
+        let gateways = self.match_gateways(ctx, m.gateways.as_ref(), base);
+        ok &= gateways
+            .as_ref()
+            .zip(m.gateways.as_ref())
+            .is_none_or(|(resolved, written)| resolved.len() == written.len());
         ok.then(|| RouteMatch {
             name: m.name.clone(),
             uri,
@@ -1288,10 +1790,11 @@ impl Validator<'_> {
         }
     }
 
-    fn destinations(
+    fn weighted_destinations(
         &mut self,
         ctx: &RouteCtx<'_>,
         route: &[istio::HttpRouteDestination],
+        layer4: bool,
     ) -> Option<Vec<RouteDestination>> {
         let origin = ctx.origin;
         let mut ok = true;
@@ -1311,7 +1814,12 @@ impl Validator<'_> {
                 ok = false;
             }
             total += weight.max(0);
-            let service = self.destination(ctx, &dest.destination, &format!("{base}.destination"));
+            let service = self.destination(
+                ctx,
+                &dest.destination,
+                &format!("{base}.destination"),
+                layer4,
+            );
             let headers = self.headers(origin, dest.headers.as_ref(), &format!("{base}.headers"));
             match (service, headers) {
                 (Some(service), Some(headers)) => out.push(RouteDestination {
@@ -1355,6 +1863,7 @@ impl Validator<'_> {
         ctx: &RouteCtx<'_>,
         dest: &istio::Destination,
         base: &str,
+        layer4: bool,
     ) -> Option<ServiceKey> {
         let origin = ctx.origin;
         let at = |path: &str| At {
@@ -1414,14 +1923,27 @@ impl Validator<'_> {
                 return None;
             }
         };
-        if let Some(Err(reason)) = ctx
+        let service_port = ctx
             .services
             .get(&host)
-            .and_then(|service| service.ports.iter().find(|p| p.number == port))
-            .map(|p| &p.http)
-        {
-            self.error(at(base), format!("port {port} of `{host}`: {reason}"));
-            return None;
+            .and_then(|service| service.ports.iter().find(|p| p.number == port));
+        if let (Some(service_port), false) = (service_port, layer4) {
+            if let Err(reason) = &service_port.http {
+                self.error(at(base), format!("port {port} of `{host}`: {reason}"));
+                return None;
+            }
+            let originates =
+                upstream_tls_for(ctx.upstream_tls, &host, dest.subset.as_deref()).is_some();
+            if service_port.tls && !originates {
+                self.error(
+                    at(base),
+                    format!(
+                        "port {port} of `{host}` speaks TLS: add a DestinationRule for it with \
+                         `trafficPolicy.tls.mode: SIMPLE` so Sluice originates TLS"
+                    ),
+                );
+                return None;
+            }
         }
         if let Some(subset) = &dest.subset {
             let subset_path = format!("{base}.subset");
@@ -1545,13 +2067,18 @@ impl Validator<'_> {
     }
 }
 
+type Subsets = BTreeMap<(String, String), BTreeMap<String, String>>;
+type UpstreamTlsPolicies = BTreeMap<(String, Option<String>), Option<UpstreamTls>>;
+
+#[derive(Clone, Copy)]
 struct RouteCtx<'a> {
     origin: &'a Origin,
     base: &'a str,
     namespace: &'a str,
     gateway_ids: &'a BTreeSet<String>,
     services: &'a BTreeMap<String, Service>,
-    subsets: &'a BTreeMap<(String, String), BTreeMap<String, String>>,
+    subsets: &'a Subsets,
+    upstream_tls: &'a UpstreamTlsPolicies,
 }
 
 impl ServerHost {
@@ -1579,6 +2106,25 @@ fn matches_everything(route: &istio::HttpRoute) -> bool {
                 && m.port.is_none()
                 && m.gateways.is_none()
         })
+}
+
+/// A `credentialName` names files under certsDir, so it must not climb out of it.
+fn check_credential_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with('.')
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid credentialName (a Kubernetes secret name: lower-case letters, \
+             digits, `-` and `.`)"
+        ))
+    }
 }
 
 /// A subset selects an endpoint when every subset label is on the endpoint.

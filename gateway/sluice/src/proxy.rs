@@ -219,6 +219,19 @@ impl ProxyHttp for GatewayProxy {
                 None,
                 Bytes::from_static(b"no route: no virtual host serves this host\n"),
             )),
+            RouteLookup::HttpsRedirect => {
+                // Envoy's require_tls redirect, which Istio configures: the Host as sent, then the
+                // path and query.
+                let path = info.path;
+                let location = match info.query {
+                    Some(q) => format!("https://{}{path}?{q}", info.authority),
+                    None => format!("https://{}{path}", info.authority),
+                };
+                let value = HeaderValue::from_str(&location).map_err(|_| {
+                    Error::explain(ErrorType::HTTPStatus(400), "host is not a valid header")
+                })?;
+                Some((301, Some((header::LOCATION, value)), Bytes::new()))
+            }
             RouteLookup::NoRoute => Some((
                 404,
                 None,
@@ -244,7 +257,7 @@ impl ProxyHttp for GatewayProxy {
                         Bytes::copy_from_slice(direct.body.as_bytes()),
                     )),
                     Action::Forward(_) => {
-                        ctx.target = route.pick_target();
+                        ctx.target = route.targets.pick();
                         None
                     }
                 }

@@ -58,7 +58,7 @@ impl StartupShape {
         {
             out.push(format!(
                 "listener port {} ({:?}) is new: restart Sluice or run a graceful upgrade to bind it",
-                added.port, added.protocol
+                added.port, added.family
             ));
         }
         for removed in self

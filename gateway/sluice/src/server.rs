@@ -86,7 +86,7 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         let mut service = Service::new(format!("listener :{port}"), app);
         let address = std::net::SocketAddr::new(settings.bind_address, port);
         service.add_tcp(&address.to_string());
-        info!("listening on {address} ({:?})", listener.spec.protocol);
+        info!("listening on {address} ({:?})", listener.spec.family);
         server.add_service(service);
     }
     let reloader = Arc::new(Reloader::new(

@@ -175,11 +175,72 @@ pub struct VirtualServiceSpec {
     #[serde(default)]
     pub http: Vec<HttpRoute>,
     #[serde(default)]
-    pub tls: Option<NotSupported>,
+    pub tls: Vec<TlsRoute>,
     #[serde(default)]
-    pub tcp: Option<NotSupported>,
+    pub tcp: Vec<TcpRoute>,
     #[serde(default)]
     pub export_to: Option<NoEffect>,
+}
+
+/// Istio's `TLSRoute`: routes a TLS stream by SNI without decrypting it.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<L4RouteDestination>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsMatchAttributes {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub gateways: Option<Vec<String>>,
+    #[serde(default)]
+    pub destination_subnets: Option<NotSupported>,
+    #[serde(default)]
+    pub source_labels: Option<NotSupported>,
+    #[serde(default)]
+    pub source_namespace: Option<NotSupported>,
+}
+
+/// Istio's `TCPRoute`: forwards a TCP connection by port.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4MatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<L4RouteDestination>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct L4MatchAttributes {
+    #[serde(default)]
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub gateways: Option<Vec<String>>,
+    #[serde(default)]
+    pub destination_subnets: Option<NotSupported>,
+    #[serde(default)]
+    pub source_labels: Option<NotSupported>,
+    #[serde(default)]
+    pub source_namespace: Option<NotSupported>,
+}
+
+/// `RouteDestination` of TLS and TCP routes (no header rules at layer 4).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct L4RouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -372,7 +433,7 @@ pub struct DestinationRuleSpec {
     #[serde(default)]
     pub subsets: Vec<Subset>,
     #[serde(default)]
-    pub traffic_policy: Option<NotSupported>,
+    pub traffic_policy: Option<TrafficPolicy>,
     #[serde(default)]
     pub export_to: Option<NoEffect>,
     #[serde(default)]
@@ -386,7 +447,51 @@ pub struct Subset {
     #[serde(default)]
     pub labels: Labels,
     #[serde(default)]
-    pub traffic_policy: Option<NotSupported>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// Istio's `TrafficPolicy`; Sluice implements `tls` (origination) so far.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+    #[serde(default)]
+    pub load_balancer: Option<NotSupported>,
+    #[serde(default)]
+    pub connection_pool: Option<NotSupported>,
+    #[serde(default)]
+    pub outlier_detection: Option<NotSupported>,
+    #[serde(default)]
+    pub port_level_settings: Option<NotSupported>,
+    #[serde(default)]
+    pub tunnel: Option<NotSupported>,
+    #[serde(default)]
+    pub proxy_protocol: Option<NotSupported>,
+}
+
+/// Istio's `ClientTLSSettings`: TLS from Sluice to the upstream.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
+    #[serde(default)]
+    pub subject_alt_names: Option<NotSupported>,
+    #[serde(default)]
+    pub credential_name: Option<NotSupported>,
+    #[serde(default)]
+    pub ca_crl: Option<NotSupported>,
 }
 
 // ---------------------------------------------------------------- ServiceEntry

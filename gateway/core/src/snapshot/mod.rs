@@ -14,18 +14,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::model::{
-    Action, Binding, EndpointAddress, Gateway, HeaderRules, HostPattern, HttpRoute, Model,
-    RouteMatch, ServerProtocol, ServiceKey, Settings, UpstreamProtocol,
+    upstream_tls_for, Action, Binding, EndpointAddress, Gateway, HeaderRules, HostPattern,
+    HttpRoute, ListenerFamily, Model, RouteDestination, RouteMatch, Server, ServerTls, ServiceKey,
+    Settings, TlsMode, UpstreamProtocol, UpstreamTls,
 };
 use crate::validate::labels_match;
 pub use hosts::{host_of_authority, HostTable};
 pub use request::{normalize_path, redirect_location, rewrite_path, RequestInfo};
 
-/// The port a [`Listener`] serves and how.
+/// The port a [`Listener`] serves and what it speaks first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenerSpec {
     pub port: u16,
-    pub protocol: ServerProtocol,
+    pub family: ListenerFamily,
 }
 
 #[derive(Debug)]
@@ -41,6 +42,70 @@ pub struct Listener {
     pub spec: ListenerSpec,
     hosts: HostTable<usize>,
     virtual_hosts: Vec<VirtualHost>,
+    /// Hosts of plaintext servers with `tls.httpsRedirect`.
+    https_redirect: HostTable<()>,
+    /// Terminating servers and passthrough routes, by SNI (TLS listeners).
+    pub tls: TlsTable,
+    /// Routes of a TCP listener, first match first.
+    pub tcp_routes: Vec<Arc<L4Route>>,
+}
+
+/// How a TLS listener treats each server name.
+#[derive(Debug, Default)]
+pub struct TlsTable {
+    pub servers: Vec<TlsServer>,
+    /// SNI → index into `servers`. A server for `*` also takes clients without (or with unknown) SNI.
+    terminate: HostTable<usize>,
+    /// SNI → passthrough routes, first match first.
+    passthrough: HostTable<Vec<Arc<L4Route>>>,
+}
+
+/// A terminating (HTTPS) server of a TLS listener.
+#[derive(Debug)]
+pub struct TlsServer {
+    /// `namespace/gateway servers[i]`, for logs.
+    pub label: String,
+    pub tls: ServerTls,
+}
+
+/// What to do with a TLS connection, decided from its ClientHello.
+#[derive(Debug)]
+pub enum TlsDecision<'s> {
+    Terminate(&'s TlsServer),
+    Passthrough(&'s Arc<L4Route>),
+    /// No server or route for this name: refuse the handshake.
+    Refuse,
+}
+
+impl TlsTable {
+    pub fn decide(&self, sni: Option<&str>) -> TlsDecision<'_> {
+        let name = sni.unwrap_or("");
+        if let Some(route) = sni
+            .and_then(|n| self.passthrough.lookup(n))
+            .and_then(|routes| routes.first())
+        {
+            return TlsDecision::Passthrough(route);
+        }
+        match self
+            .terminate
+            .lookup(name)
+            .and_then(|i| self.servers.get(*i))
+        {
+            Some(server) => TlsDecision::Terminate(server),
+            None => TlsDecision::Refuse,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty() && self.passthrough.is_empty()
+    }
+}
+
+/// A TLS passthrough or TCP route: weighted destinations, no HTTP.
+#[derive(Debug)]
+pub struct L4Route {
+    pub label: String,
+    pub targets: Targets,
 }
 
 #[derive(Debug)]
@@ -53,8 +118,36 @@ pub struct VirtualHost {
 #[derive(Debug)]
 pub struct Route {
     pub def: Arc<HttpRoute>,
-    pub targets: Vec<Target>,
+    pub targets: Targets,
+}
+
+/// Weighted destinations, ready to pick from.
+#[derive(Debug, Default)]
+pub struct Targets {
+    list: Vec<Target>,
     total_weight: u32,
+}
+
+impl Targets {
+    /// Picks a target at random in proportion to the weights (Istio: weight ÷ sum of weights).
+    pub fn pick(&self) -> Option<usize> {
+        match self.list.len() {
+            0 => None,
+            1 => Some(0),
+            _ => {
+                let roll = fastrand::u32(..self.total_weight.max(1));
+                self.list.iter().position(|t| roll < t.cumulative)
+            }
+        }
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Target> {
+        self.list.get(index)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.list.iter()
+    }
 }
 
 /// One weighted destination of a forwarding route.
@@ -72,6 +165,8 @@ pub struct Target {
 pub struct Cluster {
     pub key: ServiceKey,
     pub protocol: UpstreamProtocol,
+    /// TLS origination (`DestinationRule.trafficPolicy.tls`).
+    pub tls: Option<UpstreamTls>,
     pub endpoints: Vec<UpstreamEndpoint>,
     next: AtomicUsize,
 }
@@ -92,6 +187,8 @@ pub enum RouteLookup<'s> {
     NoListener,
     NoHost,
     NoRoute,
+    /// The host is served by a plaintext server with `httpsRedirect`.
+    HttpsRedirect,
     Found {
         route: &'s Arc<Route>,
         /// Index of the `match` block that matched (`None` for a route without `match`).
@@ -136,6 +233,9 @@ impl Snapshot {
 impl Listener {
     pub fn route(&self, req: &RequestInfo<'_>) -> RouteLookup<'_> {
         let host = host_of_authority(req.authority);
+        if !self.https_redirect.is_empty() && self.https_redirect.lookup(host).is_some() {
+            return RouteLookup::HttpsRedirect;
+        }
         let Some(vhost) = self
             .hosts
             .lookup(host)
@@ -166,18 +266,6 @@ impl Listener {
 }
 
 impl Route {
-    /// Picks a target at random in proportion to the weights (Istio: weight ÷ sum of weights).
-    pub fn pick_target(&self) -> Option<usize> {
-        match self.targets.len() {
-            0 => None,
-            1 => Some(0),
-            _ => {
-                let roll = fastrand::u32(..self.total_weight.max(1));
-                self.targets.iter().position(|t| roll < t.cumulative)
-            }
-        }
-    }
-
     /// The `match` block at `index`, as returned in [`RouteLookup::Found`].
     pub fn matched(&self, index: Option<usize>) -> Option<&RouteMatch> {
         self.def.matches.get(index?)
@@ -199,7 +287,7 @@ impl Cluster {
 
 #[derive(Default)]
 struct Compiler {
-    listeners: Vec<(ListenerSpec, HostTable<usize>, Vec<VirtualHost>)>,
+    listeners: Vec<Listener>,
     clusters: Vec<Cluster>,
     cluster_index: HashMap<ServiceKey, usize>,
     dns_names: Vec<String>,
@@ -208,40 +296,62 @@ struct Compiler {
 
 impl Compiler {
     fn run(mut self, model: &Model) -> Snapshot {
+        let gateways: HashMap<&str, &Gateway> =
+            model.gateways.iter().map(|g| (g.id.as_str(), g)).collect();
+        // Every configured port is bound, even with nothing routed to it yet (it answers 404, or
+        // refuses the TLS handshake), so a listener never appears or vanishes with a route.
+        for gateway in &model.gateways {
+            for (index, server) in gateway.servers.iter().enumerate() {
+                self.server(gateway, index, server);
+            }
+        }
+        if let Some(port) = model.settings.mesh_port {
+            self.listener(port, ListenerFamily::PlainHttp);
+        }
         // A VirtualService is added once per (port, host) for each gateway it binds to, so two
         // gateways sharing a port each contribute their own view of its routes.
         let mut seen: HashSet<(u16, HostPattern, usize, usize)> = HashSet::new();
-        let gateways: HashMap<&str, &Gateway> =
-            model.gateways.iter().map(|g| (g.id.as_str(), g)).collect();
         for (vs_index, vs) in model.virtual_services.iter().enumerate() {
             for (binding_index, binding) in vs.bindings.iter().enumerate() {
                 match binding {
                     Binding::Gateway(gateway_id) => {
-                        let routes = self.routes_for(model, &vs.http, gateway_id);
                         let Some(gateway) = gateways.get(gateway_id.as_str()) else {
                             continue;
                         };
+                        let routes = self.routes_for(model, &vs.http, gateway_id);
                         for server in &gateway.servers {
-                            let spec = ListenerSpec {
-                                port: server.port,
-                                protocol: server.protocol,
+                            let http = match (server.protocol.family(), &server.tls) {
+                                (ListenerFamily::PlainHttp, _) => true,
+                                (ListenerFamily::Tls, Some(tls)) => {
+                                    tls.mode != TlsMode::Passthrough
+                                }
+                                _ => false,
                             };
                             for server_host in
                                 server.hosts.iter().filter(|h| h.admits(&vs.namespace))
                             {
                                 for host in &vs.hosts {
-                                    if let Some(served) = server_host.host.intersect(host) {
-                                        if seen.insert((
+                                    let Some(served) = server_host.host.intersect(host) else {
+                                        continue;
+                                    };
+                                    if http
+                                        && seen.insert((
                                             server.port,
                                             served.clone(),
                                             vs_index,
                                             binding_index,
-                                        )) {
-                                            self.add_routes(spec, &served, &routes);
-                                        }
+                                        ))
+                                    {
+                                        self.add_routes(
+                                            server.port,
+                                            server.protocol.family(),
+                                            &served,
+                                            &routes,
+                                        );
                                     }
                                 }
                             }
+                            self.layer4_routes(model, vs, gateway_id, server);
                         }
                     }
                     Binding::Mesh => {
@@ -249,14 +359,15 @@ impl Compiler {
                             continue;
                         };
                         let routes = self.routes_for(model, &vs.http, "mesh");
-                        let spec = ListenerSpec {
-                            port,
-                            protocol: ServerProtocol::Http,
-                        };
                         for host in &vs.hosts {
                             for alias in mesh_aliases(host) {
                                 if seen.insert((port, alias.clone(), vs_index, binding_index)) {
-                                    self.add_routes(spec, &alias, &routes);
+                                    self.add_routes(
+                                        port,
+                                        ListenerFamily::PlainHttp,
+                                        &alias,
+                                        &routes,
+                                    );
                                 }
                             }
                         }
@@ -264,29 +375,7 @@ impl Compiler {
                 }
             }
         }
-        // Gateway servers with no VirtualService still listen (and answer 404), so a port that is
-        // configured is always bound.
-        for server in model.gateways.iter().flat_map(|g| &g.servers) {
-            self.listener(ListenerSpec {
-                port: server.port,
-                protocol: server.protocol,
-            });
-        }
-        if let Some(port) = model.settings.mesh_port {
-            self.listener(ListenerSpec {
-                port,
-                protocol: ServerProtocol::Http,
-            });
-        }
-        let mut listeners: Vec<Listener> = self
-            .listeners
-            .into_iter()
-            .map(|(spec, hosts, virtual_hosts)| Listener {
-                spec,
-                hosts,
-                virtual_hosts,
-            })
-            .collect();
+        let mut listeners = self.listeners;
         listeners.sort_by_key(|l| l.spec.port);
         Snapshot {
             settings: model.settings.clone(),
@@ -296,34 +385,155 @@ impl Compiler {
         }
     }
 
-    fn listener(&mut self, spec: ListenerSpec) -> usize {
-        match self
-            .listeners
-            .iter()
-            .position(|(s, ..)| s.port == spec.port)
+    /// Registers what a server itself contributes: its listener, https redirects, TLS termination.
+    fn server(&mut self, gateway: &Gateway, index: usize, server: &Server) {
+        let listener = self.listener(server.port, server.protocol.family());
+        if server.https_redirect {
+            for host in &server.hosts {
+                listener
+                    .https_redirect
+                    .get_or_insert_with(&host.host, || ());
+            }
+        }
+        if let Some(tls) = server
+            .tls
+            .as_ref()
+            .filter(|t| t.mode != TlsMode::Passthrough)
         {
-            Some(i) => i,
-            None => {
-                self.listeners
-                    .push((spec, HostTable::default(), Vec::new()));
-                self.listeners.len() - 1
+            let next = listener.tls.servers.len();
+            listener.tls.servers.push(TlsServer {
+                label: format!("{} servers[{index}]", gateway.id),
+                tls: tls.clone(),
+            });
+            for host in &server.hosts {
+                // The first server written for a name keeps it.
+                listener
+                    .tls
+                    .terminate
+                    .get_or_insert_with(&host.host, || next);
             }
         }
     }
 
-    fn add_routes(&mut self, spec: ListenerSpec, host: &HostPattern, routes: &[Arc<Route>]) {
-        let index = self.listener(spec);
-        let (_, table, vhosts) = &mut self.listeners[index];
-        let next = vhosts.len();
-        let vhost_index = *table.get_or_insert_with(host, || next);
+    fn listener(&mut self, port: u16, family: ListenerFamily) -> &mut Listener {
+        let index = match self.listeners.iter().position(|l| l.spec.port == port) {
+            Some(i) => i,
+            None => {
+                self.listeners.push(Listener {
+                    spec: ListenerSpec { port, family },
+                    hosts: HostTable::default(),
+                    virtual_hosts: Vec::new(),
+                    https_redirect: HostTable::default(),
+                    tls: TlsTable::default(),
+                    tcp_routes: Vec::new(),
+                });
+                self.listeners.len() - 1
+            }
+        };
+        &mut self.listeners[index]
+    }
+
+    fn add_routes(
+        &mut self,
+        port: u16,
+        family: ListenerFamily,
+        host: &HostPattern,
+        routes: &[Arc<Route>],
+    ) {
+        let listener = self.listener(port, family);
+        let next = listener.virtual_hosts.len();
+        let vhost_index = *listener.hosts.get_or_insert_with(host, || next);
         if vhost_index == next {
-            vhosts.push(VirtualHost {
+            listener.virtual_hosts.push(VirtualHost {
                 name: host.to_string(),
                 routes: Vec::new(),
             });
         }
-        if let Some(vhost) = vhosts.get_mut(vhost_index) {
+        if let Some(vhost) = listener.virtual_hosts.get_mut(vhost_index) {
             vhost.routes.extend(routes.iter().cloned());
+        }
+    }
+
+    /// A VirtualService's `tls` routes on a passthrough server, and `tcp` routes on a TCP server.
+    fn layer4_routes(
+        &mut self,
+        model: &Model,
+        vs: &crate::model::VirtualService,
+        gateway: &str,
+        server: &Server,
+    ) {
+        let gateway_ok = |gateways: &Option<Vec<String>>| {
+            gateways
+                .as_ref()
+                .is_none_or(|g| g.iter().any(|name| name == gateway))
+        };
+        let port_ok = |port: Option<u16>| port.is_none_or(|p| p == server.port);
+        let passthrough = server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == TlsMode::Passthrough);
+        if passthrough {
+            for route in &vs.tls {
+                let compiled = Arc::new(L4Route {
+                    label: route.label.clone(),
+                    targets: self.targets(model, &route.destinations),
+                });
+                for m in route
+                    .matches
+                    .iter()
+                    .filter(|m| gateway_ok(&m.gateways) && port_ok(m.port))
+                {
+                    for server_host in server.hosts.iter().filter(|h| h.admits(&vs.namespace)) {
+                        for sni in &m.sni_hosts {
+                            if let Some(served) = server_host.host.intersect(sni) {
+                                let listener = self.listener(server.port, ListenerFamily::Tls);
+                                listener
+                                    .tls
+                                    .passthrough
+                                    .get_or_insert_with(&served, Vec::new)
+                                    .push(compiled.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if server.protocol.family() == ListenerFamily::Tcp {
+            let admitted = server.hosts.iter().any(|h| h.admits(&vs.namespace));
+            for route in vs.tcp.iter().filter(|_| admitted) {
+                let applies = route.matches.is_empty()
+                    || route
+                        .matches
+                        .iter()
+                        .any(|m| gateway_ok(&m.gateways) && port_ok(m.port));
+                if applies {
+                    let compiled = Arc::new(L4Route {
+                        label: route.label.clone(),
+                        targets: self.targets(model, &route.destinations),
+                    });
+                    self.listener(server.port, ListenerFamily::Tcp)
+                        .tcp_routes
+                        .push(compiled);
+                }
+            }
+        }
+    }
+
+    fn targets(&mut self, model: &Model, destinations: &[RouteDestination]) -> Targets {
+        let mut list = Vec::new();
+        let mut cumulative = 0u32;
+        for d in destinations {
+            cumulative = cumulative.saturating_add(d.weight);
+            list.push(Target {
+                cluster: self.cluster(model, &d.service),
+                service: d.service.clone(),
+                headers: d.headers.clone(),
+                cumulative,
+            });
+        }
+        Targets {
+            list,
+            total_weight: cumulative,
         }
     }
 
@@ -351,24 +561,11 @@ impl Compiler {
             } else {
                 def.clone()
             };
-            let mut targets = Vec::new();
-            let mut cumulative = 0u32;
-            if let Action::Forward(destinations) = &def.action {
-                for d in destinations {
-                    cumulative = cumulative.saturating_add(d.weight);
-                    targets.push(Target {
-                        cluster: self.cluster(model, &d.service),
-                        service: d.service.clone(),
-                        headers: d.headers.clone(),
-                        cumulative,
-                    });
-                }
-            }
-            out.push(Arc::new(Route {
-                def,
-                targets,
-                total_weight: cumulative,
-            }));
+            let targets = match &def.action {
+                Action::Forward(destinations) => self.targets(model, destinations),
+                _ => Targets::default(),
+            };
+            out.push(Arc::new(Route { def, targets }));
         }
         out
     }
@@ -409,10 +606,12 @@ impl Compiler {
                 endpoints.push(self.endpoint(&EndpointAddress::Dns(key.host.clone()), key.port))
             }
         }
+        let tls = upstream_tls_for(&model.upstream_tls, &key.host, key.subset.as_deref()).cloned();
         let index = self.clusters.len();
         self.clusters.push(Cluster {
             key: key.clone(),
             protocol,
+            tls,
             endpoints,
             next: AtomicUsize::new(0),
         });
