@@ -34,12 +34,21 @@ pub fn sluice_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port for a listener under test: free a moment ago on 127.0.0.1, never handed out twice in
+/// this process, and below Linux's ephemeral range (32768+), where `:0` binds (the echo upstreams)
+/// and outgoing connections get their ports, so neither can take it before Sluice binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let seed = std::process::id() as usize ^ handed_out.len().wrapping_mul(7919);
+    for attempt in 0..12_000usize {
+        let port = 20_000 + ((seed.wrapping_mul(31) + attempt * 97) % 12_000) as u16;
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
+        }
+    }
+    0
 }
 
 /// Polls until `addr` accepts a TCP connection or `timeout` passes.

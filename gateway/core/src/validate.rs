@@ -387,19 +387,6 @@ impl Validator<'_> {
             Some(protocol) => self.server_tls(origin, server, base, protocol),
             None => (None, false),
         };
-        // TODO(issue 3): remove once TLS and TCP listeners are served.
-        if protocol.is_some_and(|p| p.family() != ListenerFamily::PlainHttp) {
-            self.error(
-                At {
-                    origin,
-                    path: protocol_path.clone(),
-                },
-                format!(
-                    "`{base}.port.protocol` {} is not supported yet",
-                    server.port.protocol
-                ),
-            );
-        }
         if server.hosts.is_empty() {
             self.error(
                 At {
@@ -934,6 +921,12 @@ impl Validator<'_> {
         match mode {
             "DISABLE" => Some(None),
             "SIMPLE" | "MUTUAL" => {
+                // TODO(issue 3): origination is parsed and validated; the proxy does not speak
+                // TLS upstream yet, so refuse rather than send plaintext to a TLS port.
+                self.error(
+                    at(&format!("{path}.mode")),
+                    format!("`{path}.mode` {mode} (TLS origination) is not supported yet"),
+                );
                 if mode == "MUTUAL" && client_certificate.is_none() {
                     self.error(
                         at(&path),

@@ -10,14 +10,18 @@
 //! ```
 
 pub mod admin;
+pub mod boxed_io;
 pub mod cli;
 pub mod demo;
 pub mod dns;
 pub mod echo;
 pub mod lifecycle;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod tls;
+pub mod upstream;

@@ -5,7 +5,7 @@
 //! the upstream/response filters apply the route's rewrite and header rules. Policy lives in
 //! `sluice-core`, not here. Each request loads one generation into its context and keeps it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,18 +19,15 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use sluice_core::model::{Action, HeaderOps, UpstreamProtocol};
-use sluice_core::snapshot::{
-    redirect_location, rewrite_path, RequestInfo, Route, RouteLookup, UpstreamEndpoint,
-};
+use sluice_core::snapshot::{redirect_location, rewrite_path, RequestInfo, Route, RouteLookup};
 
 use crate::state::{Generation, Live};
-
-/// Istio's default `connectTimeout`.
-const UPSTREAM_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct GatewayProxy {
     pub port: u16,
     pub live: Arc<Live>,
+    /// The listener terminates TLS: the scheme is https.
+    pub tls: bool,
 }
 
 /// Per-request state: the generation this request uses from start to end, and what routing chose.
@@ -53,7 +50,7 @@ impl RequestCtx {
 }
 
 /// The parts of Pingora's request header that routing reads.
-fn request_info<'a>(req: &'a RequestHeader, port: u16) -> RequestInfo<'a> {
+fn request_info<'a>(req: &'a RequestHeader, port: u16, scheme: &'static str) -> RequestInfo<'a> {
     let authority = req
         .uri
         .authority()
@@ -62,7 +59,7 @@ fn request_info<'a>(req: &'a RequestHeader, port: u16) -> RequestInfo<'a> {
         .unwrap_or("");
     RequestInfo {
         method: req.method.as_str(),
-        scheme: "http",
+        scheme,
         authority,
         path: req.uri.path(),
         query: req.uri.query(),
@@ -199,6 +196,32 @@ fn fail(failure: &'static str, status: u16) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), failure)
 }
 
+impl GatewayProxy {
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// `x-forwarded-client-cert` carries the verified client certificate (mutual TLS) and nothing
+    /// else: whatever a client sent under that name is dropped, so routes can match on it.
+    fn set_client_certificate_header(&self, session: &mut Session) -> Result<()> {
+        let identity = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|ssl| ssl.extension.get::<crate::tls::ClientIdentity>())
+            .map(|identity| identity.xfcc.clone());
+        let req = session.req_header_mut();
+        req.remove_header("x-forwarded-client-cert");
+        if let Some(xfcc) = identity {
+            req.insert_header("x-forwarded-client-cert", xfcc)?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for GatewayProxy {
     type CTX = RequestCtx;
@@ -211,7 +234,8 @@ impl ProxyHttp for GatewayProxy {
         ctx._in_flight = Some(self.live.request_started());
         let generation = self.live.current();
         normalize_request_path(session.req_header_mut())?;
-        let info = request_info(session.req_header(), self.port);
+        self.set_client_certificate_header(session)?;
+        let info = request_info(session.req_header(), self.port, self.scheme());
         let lookup = generation.snapshot.route(&info);
         let answer = match lookup {
             RouteLookup::NoListener | RouteLookup::NoHost => Some((
@@ -282,32 +306,19 @@ impl ProxyHttp for GatewayProxy {
         let (Some(generation), Some(target)) = (ctx.generation.as_ref(), ctx.target()) else {
             return Err(fail("no route", 404));
         };
+        let addr = match crate::upstream::endpoint_address(generation, &self.live, target.cluster) {
+            Ok(addr) => addr,
+            Err(reason) => {
+                ctx.failure = Some(reason);
+                return Err(fail("no healthy upstream", 503));
+            }
+        };
         let cluster = generation
             .snapshot
             .cluster(target.cluster)
             .ok_or_else(|| fail("no cluster", 503))?;
-        let Some((endpoint, turn)) = cluster.next_endpoint() else {
-            ctx.failure = Some("no healthy upstream: the destination has no endpoints\n");
-            return Err(fail("no endpoints", 503));
-        };
-        let addr = match endpoint {
-            UpstreamEndpoint::Addr(addr) => addr,
-            UpstreamEndpoint::Dns { slot, port } => {
-                let name = generation.snapshot.dns_names().get(slot);
-                let resolved = name.and_then(|n| self.live.dns.addresses(n));
-                match resolved.filter(|a| !a.is_empty()) {
-                    Some(ips) => SocketAddr::new(ips[turn % ips.len()], port),
-                    None => {
-                        ctx.failure = Some(
-                            "no healthy upstream: the destination's DNS name has not resolved\n",
-                        );
-                        return Err(fail("DNS name not resolved", 503));
-                    }
-                }
-            }
-        };
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(UPSTREAM_CONNECT_TIMEOUT);
+        peer.options.connection_timeout = Some(crate::upstream::CONNECT_TIMEOUT);
         if cluster.protocol == UpstreamProtocol::Http2 {
             // Plaintext HTTP/2 with prior knowledge (h2c), as gRPC backends expect.
             peer.options.alpn = ALPN::H2;
@@ -343,7 +354,7 @@ impl ProxyHttp for GatewayProxy {
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
             upstream_request.insert_header("x-envoy-external-address", external.to_string())?;
         }
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        upstream_request.insert_header("x-forwarded-proto", self.scheme())?;
         // An absolute-form request (`GET http://host/path`) is routed by its authority; the
         // upstream must see that host too, as Envoy does.
         if !session.is_http2() {

@@ -6,20 +6,13 @@
 //! closes the connection. Settings are read per connection, so a reload changes them at once.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use log::debug;
-use pingora::apps::ServerApp;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::protocols::SocketDigest;
-use pingora::protocols::{Stream, IO};
-use pingora::server::ShutdownWatch;
+use pingora::protocols::IO;
 use sluice_core::model::ProxyProtocolSettings;
 use tokio::io::AsyncReadExt;
-
-use crate::state::Live;
 
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header (`PROXY TCP6 <ip6> <ip6> <port> <port>\r\n`) is 107 bytes.
@@ -137,40 +130,5 @@ pub async fn accept(stream: &mut dyn IO, settings: &ProxyProtocolSettings) -> Re
             stream.set_socket_digest(digest);
             Ok(())
         }
-    }
-}
-
-/// Wraps a plaintext application: PROXY header first (where configured), then the application.
-pub struct ProxyProtocolApp<A> {
-    pub inner: Arc<A>,
-    pub live: Arc<Live>,
-    pub port: u16,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyProtocolApp<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        mut stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let settings = self.live.current().snapshot.settings.proxy_protocol.clone();
-        if let Some(settings) = settings.filter(|s| s.applies_to(self.port)) {
-            if let Err(reason) = accept(stream.as_mut(), &settings).await {
-                debug!("closing connection on port {}: {reason}", self.port);
-                return None;
-            }
-        }
-        // Keep-alive reuse is handled here, not by the listener, so the header is read only once
-        // per connection.
-        let mut next = self.inner.process_new(stream, shutdown).await;
-        while let Some(stream) = next {
-            next = self.inner.process_new(stream, shutdown).await;
-        }
-        None
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await;
     }
 }

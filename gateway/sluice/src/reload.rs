@@ -124,12 +124,23 @@ impl Reloader {
             .filter(|d| !d.is_error())
             .map(ToString::to_string)
             .collect();
-        match loaded.snapshot() {
+        // Certificates are part of what must load: a broken one rejects the whole reload.
+        let built = loaded.snapshot().map(|snapshot| {
+            let tls = crate::tls::TlsListeners::build(&snapshot);
+            (snapshot, tls)
+        });
+        let (built, certificate_errors) = match built {
+            Some((snapshot, Ok(tls))) => (Some((snapshot, tls)), Vec::new()),
+            Some((_, Err(errors))) => (None, errors),
+            None => (None, Vec::new()),
+        };
+        match built {
             None => {
                 let errors: Vec<String> = diagnostics
                     .iter()
                     .filter(|d| d.is_error())
                     .map(ToString::to_string)
+                    .chain(certificate_errors)
                     .collect();
                 let text = errors.join("\n");
                 error!(
@@ -144,7 +155,7 @@ impl Reloader {
                 });
                 Err(text)
             }
-            Some(snapshot) => {
+            Some((snapshot, tls)) => {
                 let needs_restart = self.started_with.needs_restart(&snapshot);
                 for message in &needs_restart {
                     warn!("{message}");
@@ -153,7 +164,7 @@ impl Reloader {
                     warn!("{warning}");
                 }
                 let names = snapshot.dns_names().to_vec();
-                let generation = self.live.apply(snapshot);
+                let generation = self.live.apply(snapshot, tls);
                 info!("config reload ({trigger}) applied: generation {generation}");
                 self.live.metrics.record_reload(true, generation);
                 self.live.update_status(|s| {
@@ -175,10 +186,12 @@ impl Reloader {
 }
 
 /// Directories to watch for `paths`: a directory itself, or a file's parent (editors and ConfigMaps
-/// replace files by rename, which a watch on the file alone would lose).
-fn watch_dirs(paths: &[PathBuf], certs_dir: &Path) -> Vec<PathBuf> {
+/// replace files by rename, which a watch on the file alone would lose). `certificates` are the
+/// certificate files the config names outside `certs_dir`.
+fn watch_dirs(paths: &[PathBuf], certs_dir: &Path, certificates: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = paths
         .iter()
+        .chain(certificates)
         .map(|p| {
             if p.is_dir() {
                 p.clone()
@@ -197,9 +210,21 @@ fn watch_dirs(paths: &[PathBuf], certs_dir: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// Whether a file event can change the config: a YAML file, a watched file, or a ConfigMap's
-/// `..data` swap. Editor swap files and the like are ignored.
+/// Whether a file event is a certificate or key changing (not covered by the config fingerprint, so
+/// the reload it triggers is forced).
+fn is_certificate(event_path: &Path) -> bool {
+    matches!(
+        event_path.extension().and_then(|e| e.to_str()),
+        Some("crt" | "key" | "pem" | "cert")
+    )
+}
+
+/// Whether a file event can change the config: a YAML file, a watched file, a certificate, or a
+/// ConfigMap's `..data` swap. Editor swap files and the like are ignored.
 fn relevant(event_path: &Path, paths: &[PathBuf]) -> bool {
+    if is_certificate(event_path) {
+        return true;
+    }
     let name = event_path
         .file_name()
         .and_then(|n| n.to_str())
@@ -229,17 +254,18 @@ impl BackgroundService for ReloadService {
                 }
             }
         });
-        let certs_dir = self
-            .reloader
-            .live
-            .current()
+        let generation = self.reloader.live.current();
+        let certs_dir = generation.snapshot.settings.certs_dir.clone();
+        let certificates: Vec<PathBuf> = generation
             .snapshot
-            .settings
-            .certs_dir
-            .clone();
+            .listeners()
+            .flat_map(|l| &l.tls.servers)
+            .flat_map(|server| crate::tls::credential_files(server, &certs_dir))
+            .collect();
+        drop(generation);
         let _watcher = match watcher {
             Ok(mut watcher) => {
-                for dir in watch_dirs(&paths, &certs_dir) {
+                for dir in watch_dirs(&paths, &certs_dir, &certificates) {
                     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
                         warn!(
                             "cannot watch {}: {e}; edits there need SIGHUP",
@@ -272,8 +298,9 @@ impl BackgroundService for ReloadService {
                     if !relevant(&path, &paths) {
                         continue;
                     }
-                    settle(&mut rx, &paths).await;
-                    self.run_reload("file change", false).await;
+                    let certificate = settle(&mut rx, &paths).await || is_certificate(&path);
+                    let trigger = if certificate { "certificate change" } else { "file change" };
+                    self.run_reload(trigger, certificate).await;
                 }
             }
         }
@@ -282,20 +309,23 @@ impl BackgroundService for ReloadService {
 
 /// Waits until no relevant file event has come for [`DEBOUNCE`], or [`MAX_DELAY`] has passed since
 /// the first. Irrelevant events (a log file in the same directory) neither delay nor trigger it.
-async fn settle(rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>, paths: &[PathBuf]) {
+/// Returns whether a certificate file was among the events.
+async fn settle(rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>, paths: &[PathBuf]) -> bool {
     let now = tokio::time::Instant::now();
     let deadline = now + MAX_DELAY;
     let mut quiet_until = now + DEBOUNCE;
+    let mut certificate = false;
     loop {
         tokio::select! {
             event = rx.recv() => match event {
                 Some(path) if relevant(&path, paths) => {
+                    certificate |= is_certificate(&path);
                     quiet_until = tokio::time::Instant::now() + DEBOUNCE;
                 }
                 Some(_) => {}
-                None => return,
+                None => return certificate,
             },
-            _ = tokio::time::sleep_until(quiet_until.min(deadline)) => return,
+            _ = tokio::time::sleep_until(quiet_until.min(deadline)) => return certificate,
         }
     }
 }

@@ -11,13 +11,14 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use sluice_core::model::ListenerFamily;
 use sluice_core::snapshot::Snapshot;
 
 use crate::admin::{load_or_create_token, AdminService};
 use crate::dns::DnsRefresher;
 use crate::lifecycle::{watch_phases, Signals};
+use crate::listener::ListenerApp;
 use crate::proxy::GatewayProxy;
-use crate::proxy_protocol::ProxyProtocolApp;
 use crate::reload::{ReloadService, Reloader};
 use crate::state::Live;
 
@@ -36,7 +37,10 @@ pub struct Startup {
 /// open so the first requests do not fail while the resolver warms up.
 pub fn run(startup: Startup) -> anyhow::Result<()> {
     let settings = startup.snapshot.settings.clone();
-    let live = Live::new(startup.snapshot, startup.files).context("creating metrics")?;
+    let tls = crate::tls::TlsListeners::build(&startup.snapshot).map_err(|errors| {
+        anyhow::anyhow!("certificates could not be loaded:\n{}", errors.join("\n"))
+    })?;
+    let live = Live::new(startup.snapshot, tls, startup.files).context("creating metrics")?;
     let names = live.current().snapshot.dns_names().to_vec();
     if !names.is_empty() {
         tokio::runtime::Builder::new_current_thread()
@@ -70,18 +74,21 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         // Plaintext HTTP/2 (h2c, prior knowledge) is accepted on every HTTP port, as Envoy does for
         // HTTP2/GRPC servers; HTTP/1.1 clients are unaffected.
         options.h2c = true;
+        let family = listener.spec.family;
         let mut proxy = pingora::proxy::http_proxy(
             &server.configuration,
             GatewayProxy {
                 port,
                 live: live.clone(),
+                tls: family == ListenerFamily::Tls,
             },
         );
         proxy.server_options = Some(options);
-        let app = ProxyProtocolApp {
+        let app = ListenerApp {
             inner: Arc::new(proxy),
             live: live.clone(),
             port,
+            family,
         };
         let mut service = Service::new(format!("listener :{port}"), app);
         let address = std::net::SocketAddr::new(settings.bind_address, port);

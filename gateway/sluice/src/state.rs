@@ -15,12 +15,15 @@ use sluice_core::snapshot::Snapshot;
 
 use crate::dns::DnsCache;
 use crate::metrics::Metrics;
+use crate::tls::TlsListeners;
 
 /// One applied config.
 #[derive(Debug)]
 pub struct Generation {
     pub number: u64,
     pub snapshot: Snapshot,
+    /// Certificates and TLS settings of this generation's TLS listeners.
+    pub tls: TlsListeners,
 }
 
 /// What `GET /api/v1/status` reports about configuration.
@@ -53,13 +56,18 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn new(snapshot: Snapshot, files: Vec<PathBuf>) -> prometheus::Result<Arc<Self>> {
+    pub fn new(
+        snapshot: Snapshot,
+        tls: TlsListeners,
+        files: Vec<PathBuf>,
+    ) -> prometheus::Result<Arc<Self>> {
         let metrics = Metrics::new()?;
         metrics.record_reload(true, 1);
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(Generation {
                 number: 1,
                 snapshot,
+                tls,
             }),
             dns: DnsCache::default(),
             metrics,
@@ -81,10 +89,13 @@ impl Live {
     }
 
     /// Applies a new snapshot as the next generation and returns its number.
-    pub fn apply(&self, snapshot: Snapshot) -> u64 {
+    pub fn apply(&self, snapshot: Snapshot, tls: TlsListeners) -> u64 {
         let number = self.current.load().number + 1;
-        self.current
-            .store(Arc::new(Generation { number, snapshot }));
+        self.current.store(Arc::new(Generation {
+            number,
+            snapshot,
+            tls,
+        }));
         number
     }
 

@@ -71,7 +71,8 @@ pub struct TlsServer {
 /// What to do with a TLS connection, decided from its ClientHello.
 #[derive(Debug)]
 pub enum TlsDecision<'s> {
-    Terminate(&'s TlsServer),
+    /// Terminate with the server at this index of [`TlsTable::servers`].
+    Terminate(usize, &'s TlsServer),
     Passthrough(&'s Arc<L4Route>),
     /// No server or route for this name: refuse the handshake.
     Refuse,
@@ -89,9 +90,9 @@ impl TlsTable {
         match self
             .terminate
             .lookup(name)
-            .and_then(|i| self.servers.get(*i))
+            .and_then(|i| self.servers.get(*i).map(|server| (*i, server)))
         {
-            Some(server) => TlsDecision::Terminate(server),
+            Some((index, server)) => TlsDecision::Terminate(index, server),
             None => TlsDecision::Refuse,
         }
     }

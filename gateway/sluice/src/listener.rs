@@ -1,0 +1,118 @@
+//! What happens on a listener port before HTTP: the PROXY header (where configured), then by the
+//! port's family — plaintext HTTP straight to the proxy; TLS: read the ClientHello, then pass the
+//! stream through untouched, or terminate it with the named server's settings, or refuse it with an
+//! alert; TCP: forward to the port's route.
+//!
+//! Sluice does the TLS handshake here rather than in Pingora's listener so that each Gateway server
+//! keeps its own versions, suites and client-certificate policy, and so that certificates and
+//! routes change with every config generation.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use log::debug;
+use pingora::apps::ServerApp;
+use pingora::protocols::tls::server::handshake_with_callback;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use sluice_core::model::ListenerFamily;
+use sluice_core::snapshot::TlsDecision;
+
+use crate::state::Live;
+use crate::tls::{peek_server_name, IdentityCallback};
+
+pub struct ListenerApp<A> {
+    pub inner: Arc<A>,
+    pub live: Arc<Live>,
+    pub port: u16,
+    pub family: ListenerFamily,
+}
+
+impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
+    /// Hands the stream to the HTTP application for as long as the connection is reused. Reuse is
+    /// handled here, not by the listener, so the steps above run once per connection.
+    async fn serve_http(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut next = self.inner.process_new(stream, shutdown).await;
+        while let Some(stream) = next {
+            next = self.inner.process_new(stream, shutdown).await;
+        }
+    }
+
+    async fn tls(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
+        let generation = self.live.current();
+        let Some(listener) = generation.snapshot.listener(self.port) else {
+            return;
+        };
+        let server_name = match peek_server_name(stream.as_mut()).await {
+            Ok(name) => name,
+            Err(reason) => {
+                debug!("port {}: {reason}", self.port);
+                return;
+            }
+        };
+        let acceptor = match listener.tls.decide(server_name.as_deref()) {
+            TlsDecision::Passthrough(route) => {
+                crate::upstream::forward(stream, route, &generation, &self.live).await;
+                return;
+            }
+            TlsDecision::Terminate(index, server) => {
+                match generation.tls.acceptor(self.port, index) {
+                    Some(acceptor) => acceptor.clone(),
+                    None => {
+                        debug!("port {}: no acceptor for {}", self.port, server.label);
+                        return;
+                    }
+                }
+            }
+            TlsDecision::Refuse => generation.tls.refuse().clone(),
+        };
+        match handshake_with_callback(&acceptor, crate::boxed_io::Boxed(stream), &IdentityCallback)
+            .await
+        {
+            Ok(tls) => self.serve_http(Box::new(tls), shutdown).await,
+            Err(e) => debug!(
+                "port {}: TLS handshake with SNI {server_name:?} failed: {e}",
+                self.port
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let generation = self.live.current();
+        let proxy_protocol = generation.snapshot.settings.proxy_protocol.clone();
+        if let Some(settings) = proxy_protocol.filter(|s| s.applies_to(self.port)) {
+            if let Err(reason) = crate::proxy_protocol::accept(stream.as_mut(), &settings).await {
+                debug!("closing connection on port {}: {reason}", self.port);
+                return None;
+            }
+        }
+        match self.family {
+            ListenerFamily::PlainHttp => self.serve_http(stream, shutdown).await,
+            ListenerFamily::Tls => self.tls(stream, shutdown).await,
+            ListenerFamily::Tcp => {
+                let route = generation
+                    .snapshot
+                    .listener(self.port)
+                    .and_then(|l| l.tcp_routes.first().cloned());
+                match route {
+                    Some(route) => {
+                        crate::upstream::forward(stream, &route, &generation, &self.live).await
+                    }
+                    None => debug!("port {}: no TCP route", self.port),
+                }
+            }
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}

@@ -1,0 +1,402 @@
+//! TLS at the edge: certificates, one rustls configuration per terminating Gateway server, reading
+//! the ClientHello before deciding, and the verified client identity.
+//!
+//! Built for each config generation ([`TlsListeners::build`]) from the compiled snapshot: a reload,
+//! including one triggered by a certificate file changing, loads every certificate again and
+//! swaps them in with the rest of the config. A certificate that does not parse, has expired, or
+//! does not match its key fails that reload, so the previous certificate keeps serving.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::listeners::tls::Acceptor;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use pingora::protocols::IO;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig, SupportedCipherSuite};
+use sluice_core::model::{Credential, ServerTls, TlsMode, TlsVersion};
+use sluice_core::snapshot::{Snapshot, TlsServer};
+
+/// The TLS acceptors of one config generation, per listener port, aligned with the snapshot's
+/// `TlsTable::servers`.
+pub struct TlsListeners {
+    by_port: HashMap<u16, Vec<Arc<Acceptor>>>,
+    refuse: Arc<Acceptor>,
+}
+
+impl std::fmt::Debug for TlsListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListeners")
+            .field("ports", &self.by_port.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl TlsListeners {
+    /// Loads every certificate the snapshot's TLS servers name. Errors read
+    /// `file:line:col: message`, at the server's `tls` block.
+    pub fn build(snapshot: &Snapshot) -> Result<Self, Vec<String>> {
+        let certs_dir = &snapshot.settings.certs_dir;
+        let mut by_port = HashMap::new();
+        let mut errors = Vec::new();
+        for listener in snapshot.listeners() {
+            let mut acceptors = Vec::new();
+            for server in &listener.tls.servers {
+                match server_config(&server.tls, certs_dir) {
+                    Ok(config) => {
+                        acceptors.push(Arc::new(Acceptor::from_server_config(Arc::new(config))))
+                    }
+                    Err(e) => errors.push(format!("{}: {}: {e}", server.tls.written, server.label)),
+                }
+            }
+            if !acceptors.is_empty() {
+                by_port.insert(listener.spec.port, acceptors);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            by_port,
+            refuse: Arc::new(Acceptor::from_server_config(Arc::new(refusing_config()))),
+        })
+    }
+
+    pub fn acceptor(&self, port: u16, server: usize) -> Option<&Arc<Acceptor>> {
+        self.by_port.get(&port)?.get(server)
+    }
+
+    /// Answers any handshake with an alert: for names no server is configured for.
+    pub fn refuse(&self) -> &Arc<Acceptor> {
+        &self.refuse
+    }
+}
+
+/// Files a terminating server reads, for the watcher.
+pub fn credential_files(server: &TlsServer, certs_dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(credential) = &server.tls.credential {
+        let (cert, key) = credential_paths(credential, certs_dir);
+        files.extend([cert, key]);
+    }
+    files.extend(server.tls.ca_certificates.clone());
+    files
+}
+
+/// `credentialName: NAME` → `certsDir/NAME.crt` + `.key` if present, else the Kubernetes-secret
+/// layout `certsDir/NAME/tls.crt` + `tls.key`.
+fn credential_paths(credential: &Credential, certs_dir: &Path) -> (PathBuf, PathBuf) {
+    match credential {
+        Credential::Files {
+            certificate,
+            private_key,
+        } => (certificate.clone(), private_key.clone()),
+        Credential::Name(name) => {
+            let flat = (
+                certs_dir.join(format!("{name}.crt")),
+                certs_dir.join(format!("{name}.key")),
+            );
+            if flat.0.exists() {
+                flat
+            } else {
+                let dir = certs_dir.join(name);
+                (dir.join("tls.crt"), dir.join("tls.key"))
+            }
+        }
+    }
+}
+
+/// The CA bundle that verifies client certificates: `caCertificates`, else beside the credential
+/// (`NAME-cacert.crt`, or `NAME/ca.crt` in the secret layout, as Istio stores them).
+fn client_ca_path(tls: &ServerTls, certs_dir: &Path) -> Option<PathBuf> {
+    if let Some(ca) = &tls.ca_certificates {
+        return Some(ca.clone());
+    }
+    match &tls.credential {
+        Some(Credential::Name(name)) => {
+            let flat = certs_dir.join(format!("{name}-cacert.crt"));
+            Some(if flat.exists() {
+                flat
+            } else {
+                certs_dir.join(name).join("ca.crt")
+            })
+        }
+        _ => None,
+    }
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read certificate file {}: {e}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = iter
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads a certificate chain and its key, and checks that they belong together and that the leaf
+/// is valid now.
+pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
+    let chain = read_certificates(cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("cannot read private key {}: {e}", key_path.display()))?;
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("unsupported private key in {}: {e}", key_path.display()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "certificate {} does not match private key {} ({e})",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
+    if let Some(leaf) = certified.cert.first() {
+        check_validity(leaf, cert_path)?;
+    }
+    Ok(certified)
+}
+
+fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("{} is not a valid X.509 certificate: {e}", path.display()))?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if validity.not_after < now {
+        return Err(format!(
+            "certificate {} expired on {}",
+            path.display(),
+            validity.not_after
+        ));
+    }
+    if validity.not_before > now {
+        return Err(format!(
+            "certificate {} is not valid before {}",
+            path.display(),
+            validity.not_before
+        ));
+    }
+    Ok(())
+}
+
+/// The crypto provider with the TLS 1.2 suites a server allows (TLS 1.3 suites are fixed).
+fn provider_for(suites: &[String]) -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !suites.is_empty() {
+        provider.cipher_suites.retain(|suite| match suite {
+            SupportedCipherSuite::Tls13(_) => true,
+            SupportedCipherSuite::Tls12(_) => suites
+                .iter()
+                .any(|name| openssl_name(*suite) == Some(name.as_str())),
+        });
+    }
+    provider
+}
+
+/// The OpenSSL name (as in Istio's `cipherSuites`) of a rustls TLS 1.2 suite.
+fn openssl_name(suite: SupportedCipherSuite) -> Option<&'static str> {
+    use rustls::CipherSuite::*;
+    Some(match suite.suite() {
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => "ECDHE-ECDSA-AES128-GCM-SHA256",
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => "ECDHE-RSA-AES128-GCM-SHA256",
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => "ECDHE-ECDSA-AES256-GCM-SHA384",
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => "ECDHE-RSA-AES256-GCM-SHA384",
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-ECDSA-CHACHA20-POLY1305",
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => "ECDHE-RSA-CHACHA20-POLY1305",
+        _ => return None,
+    })
+}
+
+/// Always the same certificate: one server, one credential. SNI was already used to pick the server.
+#[derive(Debug)]
+struct OneCertificate(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for OneCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// No certificate for anyone: rustls then aborts the handshake with an alert.
+#[derive(Debug)]
+struct NoCertificate;
+
+impl ResolvesServerCert for NoCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
+
+fn server_config(tls: &ServerTls, certs_dir: &Path) -> Result<ServerConfig, String> {
+    let credential = tls
+        .credential
+        .as_ref()
+        .ok_or_else(|| "a terminating server has no credential".to_string())?;
+    let (cert_path, key_path) = credential_paths(credential, certs_dir);
+    let certified = load_certified_key(&cert_path, &key_path)?;
+    let provider = Arc::new(provider_for(&tls.cipher_suites));
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = [
+        (TlsVersion::Tls12, &rustls::version::TLS12),
+        (TlsVersion::Tls13, &rustls::version::TLS13),
+    ]
+    .into_iter()
+    .filter(|(v, _)| (tls.min_version..=tls.max_version).contains(v))
+    .map(|(_, version)| version)
+    .collect();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = match tls.mode {
+        TlsMode::Mutual | TlsMode::OptionalMutual => {
+            let ca_path = client_ca_path(tls, certs_dir)
+                .ok_or_else(|| "MUTUAL needs a CA to verify clients".to_string())?;
+            let mut roots = RootCertStore::empty();
+            for cert in read_certificates(&ca_path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("CA file {}: {e}", ca_path.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if tls.mode == TlsMode::OptionalMutual {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("client verifier from {}: {e}", ca_path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        TlsMode::Simple | TlsMode::Passthrough => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(OneCertificate(Arc::new(certified))));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn refusing_config() -> ServerConfig {
+    ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map(|b| {
+            b.with_no_client_auth()
+                .with_cert_resolver(Arc::new(NoCertificate))
+        })
+        // The default provider supports the default versions; this cannot fail.
+        .unwrap_or_else(|_| {
+            ServerConfig::builder()
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(NoCertificate))
+        })
+}
+
+/// Largest ClientHello Sluice reads before deciding (several records; post-quantum key shares make
+/// them bigger than they used to be).
+const MAX_CLIENT_HELLO: usize = 32 * 1024;
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the ClientHello without consuming it and returns its server name (lower-case), so the
+/// connection can be terminated with the right server's settings or passed through untouched.
+pub async fn peek_server_name(stream: &mut dyn IO) -> Result<Option<String>, String> {
+    tokio::time::timeout(CLIENT_HELLO_TIMEOUT, peek_inner(stream))
+        .await
+        .map_err(|_| "no ClientHello within 10 s".to_string())?
+}
+
+async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = 0usize;
+    loop {
+        let mut header = vec![0u8; seen + 5];
+        peek(stream, &mut header).await?;
+        let record = &header[seen..];
+        if record[0] != 0x16 {
+            return Err("not a TLS handshake (plaintext on a TLS port?)".into());
+        }
+        let length = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        let total = seen + 5 + length;
+        if total > MAX_CLIENT_HELLO {
+            return Err("ClientHello too large".into());
+        }
+        let mut bytes = vec![0u8; total];
+        peek(stream, &mut bytes).await?;
+        acceptor
+            .read_tls(&mut &bytes[seen..])
+            .map_err(|e| format!("reading ClientHello: {e}"))?;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return Ok(accepted
+                    .client_hello()
+                    .server_name()
+                    .map(str::to_ascii_lowercase))
+            }
+            Ok(None) => seen = total,
+            Err((e, _)) => return Err(format!("invalid ClientHello: {e}")),
+        }
+    }
+}
+
+async fn peek(stream: &mut dyn IO, buf: &mut [u8]) -> Result<(), String> {
+    match stream.try_peek(buf).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("this stream cannot be peeked".into()),
+        Err(e) => Err(format!("connection closed during ClientHello: {e}")),
+    }
+}
+
+/// The verified client certificate of a connection, as Envoy writes `x-forwarded-client-cert`.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub xfcc: String,
+}
+
+impl ClientIdentity {
+    fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let hash = ring::digest::digest(&ring::digest::SHA256, der);
+        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut xfcc = format!(
+            "Hash={hex};Subject=\"{}\"",
+            cert.subject().to_string().replace('"', "\\\"")
+        );
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::URI(uri) => {
+                        xfcc.push_str(&format!(";URI={uri}"))
+                    }
+                    x509_parser::extensions::GeneralName::DNSName(dns) => {
+                        xfcc.push_str(&format!(";DNS={dns}"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(Self { xfcc })
+    }
+}
+
+/// Records the client certificate's identity once the handshake is done.
+pub struct IdentityCallback;
+
+#[async_trait]
+impl TlsAccept for IdentityCallback {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let der = tls.peer_certificate_der()?;
+        ClientIdentity::from_der(der)
+            .map(|identity| Arc::new(identity) as Arc<dyn Any + Send + Sync>)
+    }
+}
