@@ -77,7 +77,11 @@ impl TestGateway {
     /// `{{DIR}}` in the YAML becomes the gateway's own temporary directory and `{{ADMIN}}` a free
     /// port for its admin API, so parallel tests never share certificates, sockets or ports.
     pub fn start(yaml: &str, ports: &[u16]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, yaml, ports)
+    }
+
+    /// Like [`TestGateway::start`], in a directory the test prepared (certificates under `certs/`).
+    pub fn start_in(dir: tempfile::TempDir, yaml: &str, ports: &[u16]) -> Result<Self> {
         let admin_port = free_port();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, Self::fill(yaml, dir.path(), admin_port))?;
@@ -423,4 +427,139 @@ impl Load {
         }
         total
     }
+}
+
+/// Test certificates, made with the `openssl` command as an operator would.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum KeyType {
+    Ecdsa,
+    Rsa,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Result<Self> {
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    fn openssl(&self, args: &[&str]) -> Result<()> {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .context("running openssl")?;
+        if !output.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// A self-signed CA `name`: `<name>.crt` and `<name>.key`.
+    pub fn ca(&self, name: &str) -> Result<PathBuf> {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ])?;
+        Ok(self.dir.join(format!("{name}.crt")))
+    }
+
+    /// A leaf `name` signed by CA `ca`, for `sans` (`DNS:a.test`, `IP:127.0.0.1`, `URI:spiffe://…`).
+    /// Writes `<name>.key` and `<name>.crt`, the latter holding the full chain (leaf, then CA).
+    /// `client` makes it a client certificate (for mutual TLS) instead of a server one.
+    pub fn leaf(
+        &self,
+        name: &str,
+        ca: &str,
+        sans: &[&str],
+        key: KeyType,
+        client: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let newkey = match key {
+            KeyType::Ecdsa => vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            KeyType::Rsa => vec!["-newkey", "rsa:2048"],
+        };
+        let mut args = vec!["req"];
+        args.extend(newkey);
+        let subject = format!("/CN={name}");
+        let key_file = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        args.extend([
+            "-nodes", "-subj", &subject, "-keyout", &key_file, "-out", &csr,
+        ]);
+        self.openssl(&args)?;
+        let usage = if client { "clientAuth" } else { "serverAuth" };
+        std::fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!(
+                "basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\nsubjectAltName={}\n",
+                sans.join(",")
+            ),
+        )?;
+        let leaf = format!("{name}.leaf.crt");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-out",
+            &leaf,
+            "-extfile",
+            &format!("{name}.ext"),
+        ])?;
+        let chain = std::fs::read_to_string(self.dir.join(&leaf))?
+            + &std::fs::read_to_string(self.dir.join(format!("{ca}.crt")))?;
+        std::fs::write(self.dir.join(format!("{name}.crt")), chain)?;
+        Ok((
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(key_file),
+        ))
+    }
+}
+
+/// A client that trusts only `ca` (PEM file) and reaches every host at 127.0.0.1:`port`.
+pub fn tls_client(ca: &Path, hosts: &[&str], port: u16) -> Result<reqwest::ClientBuilder> {
+    let pem = std::fs::read(ca)?;
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10));
+    for host in hosts {
+        builder = builder.resolve(host, SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Ok(builder)
 }

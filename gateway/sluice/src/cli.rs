@@ -92,7 +92,17 @@ fn validate(configs: &[PathBuf]) -> ExitCode {
     let loaded = sluice_core::load_paths(configs);
     let errors = loaded.diagnostics.errors().count();
     let warnings = loaded.diagnostics.warnings().count();
-    match report(&loaded, true) {
+    let snapshot = report(&loaded, true);
+    // Certificates are checked too: a file that is missing, expired or does not match its key fails
+    // validation just as it would fail a reload.
+    let certificate_errors = snapshot
+        .as_ref()
+        .and_then(|s| crate::tls::TlsListeners::build(s).err())
+        .unwrap_or_default();
+    for error in &certificate_errors {
+        println!("{error}");
+    }
+    match snapshot.filter(|_| certificate_errors.is_empty()) {
         Some(snapshot) => {
             println!(
                 "OK: {} file(s), {} warning(s); {}",
@@ -103,6 +113,7 @@ fn validate(configs: &[PathBuf]) -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
+            let errors = errors + certificate_errors.len();
             println!("invalid: {errors} error(s), {warnings} warning(s)");
             ExitCode::FAILURE
         }

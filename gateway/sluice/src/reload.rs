@@ -248,10 +248,14 @@ impl BackgroundService for ReloadService {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
         let paths = self.reloader.paths.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                for path in event.paths {
-                    let _ = tx.send(path);
-                }
+            // Only changes count. Opening and reading a file are events too, and every reload
+            // reads the certificates: reacting to those would reload forever.
+            let Ok(event) = event else { return };
+            if event.kind.is_access() || event.kind.is_other() {
+                return;
+            }
+            for path in event.paths {
+                let _ = tx.send(path);
             }
         });
         let generation = self.reloader.live.current();
