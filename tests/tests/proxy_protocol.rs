@@ -236,3 +236,45 @@ async fn num_trusted_proxies_takes_the_client_from_forwarded_for() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_client_address_survives_haproxy_in_front_of_https() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    pki.ca("ca")?;
+    let (crt, key) = pki.leaf("edge", "ca", &["DNS:secure.test"], KeyType::Ecdsa, false)?;
+    let port = free_port();
+    let upstream = echo("app").await?;
+    let yaml = settings_yaml("  proxyProtocol:\n    trustedCidrs: [127.0.0.1/32]\n")
+        + &format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n\
+             \x20 - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [secure.test]\n\
+             \x20   tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}\n",
+            crt.display(),
+            key.display()
+        )
+        + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: app}\n\
+           spec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.svc}}]\n";
+    let gw = TestGateway::start(&yaml, &[port])?;
+    let (v2_port, v1_port) = (free_port(), free_port());
+    let _haproxy = haproxy(gw.dir.path(), v2_port, v1_port, port)?;
+    for (version, via) in [("v2", v2_port), ("v1", v1_port)] {
+        let client = tls_client(&pki.dir.join("ca.crt"), &["secure.test"], via)?
+            .local_address(IpAddr::from([127, 0, 0, 2]))
+            .build()?;
+        let r = send(client.get(format!("https://secure.test:{via}/"))).await?;
+        assert_eq!(r.status, 200, "{version}: {r:?}");
+        assert_eq!(
+            r.request_header("x-forwarded-for"),
+            Some("127.0.0.2"),
+            "{version}"
+        );
+        assert_eq!(
+            r.request_header("x-forwarded-proto"),
+            Some("https"),
+            "{version}"
+        );
+    }
+    Ok(())
+}
