@@ -500,7 +500,8 @@ async fn h2c_prior_knowledge_is_proxied() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn upstream_connections_are_pooled_and_resets_give_502() -> anyhow::Result<()> {
+async fn upstream_connections_are_pooled_and_resets_before_headers_give_503() -> anyhow::Result<()>
+{
     let port = free_port();
     // An upstream that accepts connections and closes them without answering.
     let resetter = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -531,9 +532,12 @@ async fn upstream_connections_are_pooled_and_resets_give_502() -> anyhow::Result
         "upstream connections used: {connections:?}"
     );
     let r = get(port, "pool.test", "/reset").await?;
-    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.status, 503, "{r:?}");
     assert!(
-        r.body.as_str().unwrap_or("").contains("upstream reset"),
+        r.body
+            .as_str()
+            .unwrap_or("")
+            .contains("reset before headers"),
         "{r:?}"
     );
     Ok(())

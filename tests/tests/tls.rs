@@ -390,16 +390,40 @@ async fn mutual_tls_verifies_clients_and_forwards_their_identity() -> anyhow::Re
 
 /// A backend that terminates TLS itself and answers every request with `body`.
 async fn tls_backend(crt: &Path, key: &Path, body: &'static str) -> anyhow::Result<SocketAddr> {
+    tls_backend_with(crt, key, body, None).await
+}
+
+/// Like [`tls_backend`]; with `client_ca`, it requires client certificates signed by that CA.
+async fn tls_backend_with(
+    crt: &Path,
+    key: &Path,
+    body: &'static str,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<SocketAddr> {
     use rustls::pki_types::pem::PemObject;
     let certs =
         rustls::pki_types::CertificateDer::pem_file_iter(crt)?.collect::<Result<Vec<_>, _>>()?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+                roots.add(cert?)?;
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()?,
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(certs, key)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -653,6 +677,80 @@ fn validate_names_certificate_problems_with_their_position() -> anyhow::Result<(
             stdout.contains(&format!("{}:8:5: ", config.display())) && stdout.contains(expected),
             "{name}: {stdout}"
         );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn destination_rules_originate_tls_to_upstreams() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let backend_ca = pki.ca("backend-ca")?;
+    let other_ca = pki.ca("other-ca")?;
+    let client_ca = pki.ca("client-ca")?;
+    let (crt, key) = pki.leaf(
+        "api",
+        "backend-ca",
+        &["DNS:api.internal"],
+        KeyType::Rsa,
+        false,
+    )?;
+    let (client_crt, client_key) = pki.leaf(
+        "gateway",
+        "client-ca",
+        &["DNS:gateway.internal"],
+        KeyType::Ecdsa,
+        true,
+    )?;
+    let simple = tls_backend(&crt, &key, "tls-upstream").await?;
+    let mutual = tls_backend_with(&crt, &key, "mtls-upstream", Some(&client_ca)).await?;
+    let port = free_port();
+    let mut yaml = gateway(&format!(
+        "  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n"
+    ));
+    let cases = [
+        ("verified", simple, format!("{{mode: SIMPLE, sni: api.internal, caCertificates: {}}}", backend_ca.display())),
+        ("wrong-ca", simple, format!("{{mode: SIMPLE, sni: api.internal, caCertificates: {}}}", other_ca.display())),
+        ("skip-verify", simple, format!("{{mode: SIMPLE, caCertificates: {}, insecureSkipVerify: true}}", other_ca.display())),
+        ("system-roots", simple, "{mode: SIMPLE, sni: api.internal}".to_string()),
+        (
+            "mutual",
+            mutual,
+            format!(
+                "{{mode: MUTUAL, sni: api.internal, caCertificates: {}, clientCertificate: {}, privateKey: {}}}",
+                backend_ca.display(),
+                client_crt.display(),
+                client_key.display()
+            ),
+        ),
+        ("no-client-cert", mutual, format!("{{mode: SIMPLE, sni: api.internal, caCertificates: {}}}", backend_ca.display())),
+    ];
+    for (name, backend, tls) in &cases {
+        yaml += &format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n\
+             \x20 hosts: [{name}.test]\n  ports: [{{number: 443, name: https, protocol: HTTPS}}]\n  resolution: STATIC\n\
+             \x20 endpoints: [{{address: 127.0.0.1, ports: {{https: {}}}}}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}}}\nspec:\n\
+             \x20 host: {name}.test\n  trafficPolicy:\n    tls: {tls}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\nspec:\n\
+             \x20 hosts: [{name}.gw]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: {name}.test}}}}]\n",
+            backend.port()
+        );
+    }
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    for (host, status, body) in [
+        ("verified.gw", 200, Some("tls-upstream")),
+        ("wrong-ca.gw", 503, None),
+        ("skip-verify.gw", 200, Some("tls-upstream")),
+        ("system-roots.gw", 503, None), // a private CA is not among the system roots
+        ("mutual.gw", 200, Some("mtls-upstream")),
+        ("no-client-cert.gw", 503, None),
+    ] {
+        let r = get(port, host, "/").await?;
+        assert_eq!(r.status, status, "{host}: {r:?}");
+        if let Some(body) = body {
+            assert_eq!(r.body.as_str(), Some(body), "{host}");
+        }
     }
     Ok(())
 }

@@ -921,12 +921,6 @@ impl Validator<'_> {
         match mode {
             "DISABLE" => Some(None),
             "SIMPLE" | "MUTUAL" => {
-                // TODO(issue 3): origination is parsed and validated; the proxy does not speak
-                // TLS upstream yet, so refuse rather than send plaintext to a TLS port.
-                self.error(
-                    at(&format!("{path}.mode")),
-                    format!("`{path}.mode` {mode} (TLS origination) is not supported yet"),
-                );
                 if mode == "MUTUAL" && client_certificate.is_none() {
                     self.error(
                         at(&path),

@@ -317,10 +317,22 @@ impl ProxyHttp for GatewayProxy {
             .snapshot
             .cluster(target.cluster)
             .ok_or_else(|| fail("no cluster", 503))?;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let origination = generation.tls.origination(target.cluster);
+        let mut peer = match origination {
+            Some(tls) => {
+                let mut peer = HttpPeer::new(addr, true, tls.sni.clone());
+                peer.options.verify_cert = tls.verify;
+                peer.options.verify_hostname = tls.verify;
+                peer.options.ca = tls.ca.clone();
+                peer.client_cert_key = tls.client.clone();
+                peer
+            }
+            None => HttpPeer::new(addr, false, String::new()),
+        };
         peer.options.connection_timeout = Some(crate::upstream::CONNECT_TIMEOUT);
         if cluster.protocol == UpstreamProtocol::Http2 {
-            // Plaintext HTTP/2 with prior knowledge (h2c), as gRPC backends expect.
+            // HTTP/2 only: over TLS by ALPN, in plaintext with prior knowledge (h2c), as gRPC
+            // backends expect.
             peer.options.alpn = ALPN::H2;
         }
         Ok(Box::new(peer))
@@ -431,8 +443,22 @@ impl ProxyHttp for GatewayProxy {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 (504, "upstream request timeout\n")
             }
+            // Envoy reports these as a connect failure (503 UF), not a bad response.
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert => {
+                (503, "upstream connect error: TLS handshake failed\n")
+            }
+            // A reset before the response started is 503 in Envoy ("disconnect/reset before
+            // headers"); 502 is kept for responses that are not valid HTTP.
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                (
+                    503,
+                    "upstream connect error or disconnect/reset before headers\n",
+                )
+            }
             _ => match e.esource() {
-                ErrorSource::Upstream => (502, "upstream reset or sent an invalid response\n"),
+                ErrorSource::Upstream => (502, "upstream sent an invalid response\n"),
                 ErrorSource::Downstream => match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                         (0, "")

@@ -15,22 +15,35 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::listeners::tls::Acceptor;
 use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::CaType;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::IO;
+use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig, SupportedCipherSuite};
-use sluice_core::model::{Credential, ServerTls, TlsMode, TlsVersion};
+use sluice_core::model::{Credential, ServerTls, TlsMode, TlsVersion, UpstreamTls};
 use sluice_core::snapshot::{Snapshot, TlsServer};
 
-/// The TLS acceptors of one config generation, per listener port, aligned with the snapshot's
-/// `TlsTable::servers`.
+/// The TLS material of one config generation: acceptors per listener port (aligned with the
+/// snapshot's `TlsTable::servers`) and, per cluster, how to originate TLS to it.
 pub struct TlsListeners {
     by_port: HashMap<u16, Vec<Arc<Acceptor>>>,
     refuse: Arc<Acceptor>,
+    upstream: Vec<Option<Arc<Origination>>>,
+}
+
+/// `DestinationRule.trafficPolicy.tls`, loaded: what the connector needs for one cluster.
+pub struct Origination {
+    pub sni: String,
+    pub verify: bool,
+    /// `caCertificates`; `None`: the system roots.
+    pub ca: Option<Arc<CaType>>,
+    /// MUTUAL: the client certificate chain and key.
+    pub client: Option<Arc<CertKey>>,
 }
 
 impl std::fmt::Debug for TlsListeners {
@@ -62,13 +75,36 @@ impl TlsListeners {
                 by_port.insert(listener.spec.port, acceptors);
             }
         }
+        let mut upstream = Vec::new();
+        for cluster in snapshot.clusters() {
+            let origination = match &cluster.tls {
+                Some(tls) => match origination(tls, &cluster.key.host) {
+                    Ok(o) => Some(Arc::new(o)),
+                    Err(e) => {
+                        errors.push(format!(
+                            "DestinationRule for `{}`: trafficPolicy.tls: {e}",
+                            cluster.key
+                        ));
+                        None
+                    }
+                },
+                None => None,
+            };
+            upstream.push(origination);
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Self {
             by_port,
             refuse: Arc::new(Acceptor::from_server_config(Arc::new(refusing_config()))),
+            upstream,
         })
+    }
+
+    /// How to speak TLS to the cluster at `index`, if its DestinationRule says so.
+    pub fn origination(&self, cluster: usize) -> Option<&Arc<Origination>> {
+        self.upstream.get(cluster)?.as_ref()
     }
 
     pub fn acceptor(&self, port: u16, server: usize) -> Option<&Arc<Acceptor>> {
@@ -79,6 +115,43 @@ impl TlsListeners {
     pub fn refuse(&self) -> &Arc<Acceptor> {
         &self.refuse
     }
+}
+
+/// Loads what TLS origination to one cluster needs. Every certificate is parsed here first: Pingora's
+/// connector assumes valid input and would panic on the request path otherwise.
+fn origination(tls: &UpstreamTls, host: &str) -> Result<Origination, String> {
+    let ca = match &tls.ca_certificates {
+        Some(path) => {
+            let mut wrapped = Vec::new();
+            for der in read_certificates(path)? {
+                x509_parser::parse_x509_certificate(der.as_ref())
+                    .map_err(|e| format!("{} holds an invalid certificate: {e}", path.display()))?;
+                wrapped.push(WrappedX509::new(der.as_ref().to_vec(), parse_x509));
+            }
+            Some(Arc::from(wrapped.into_boxed_slice()))
+        }
+        None => None,
+    };
+    let client = match &tls.client_certificate {
+        Some((cert, key)) => {
+            let certified = load_certified_key(cert, key)?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?
+                .secret_der()
+                .to_vec();
+            PrivateKeyDer::try_from(key_der.clone())
+                .map_err(|e| format!("private key {} is not usable: {e}", key.display()))?;
+            let chain: Vec<Vec<u8>> = certified.cert.iter().map(|c| c.as_ref().to_vec()).collect();
+            Some(Arc::new(CertKey::new(chain, key_der)))
+        }
+        None => None,
+    };
+    Ok(Origination {
+        sni: tls.sni.clone().unwrap_or_else(|| host.to_string()),
+        verify: !tls.insecure_skip_verify,
+        ca,
+        client,
+    })
 }
 
 /// Files a terminating server reads, for the watcher.
