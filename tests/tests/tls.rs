@@ -754,3 +754,69 @@ async fn destination_rules_originate_tls_to_upstreams() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let ca = pki.ca("ca")?;
+    let (crt, key) = pki.leaf("grpc", "ca", &["DNS:grpc.test"], KeyType::Ecdsa, false)?;
+    let port = free_port();
+    let upstream = echo("grpc-echo").await?;
+    let yaml = gateway(&https_server(
+        port,
+        "grpc.test",
+        &format!("{{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}", crt.display(), key.display()),
+    )) + &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: grpc}}\nspec:\n\
+         \x20 hosts: [grpc.svc]\n  ports: [{{number: 50051, name: grpc, protocol: GRPC}}]\n  resolution: STATIC\n\
+         \x20 endpoints: [{{address: 127.0.0.1, ports: {{grpc: {}}}}}]\n",
+        upstream.port()
+    ) + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grpc}\nspec:\n\
+         \x20 hosts: [grpc.test]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /echo.Echo/}}]\n\
+         \x20   route: [{destination: {host: grpc.svc}}]\n";
+    let _gw = TestGateway::start(&yaml, &[port])?;
+
+    // A real HTTP/2 client over TLS (ALPN h2), which exposes trailers.
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&ca)? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from("grpc.test")?, tcp)
+        .await?;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await?;
+    tokio::spawn(connection);
+    // One length-prefixed gRPC message: flag 0, length 5, "hello".
+    let message = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
+    let request = http::Request::post("https://grpc.test/echo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(message.clone()))?;
+    let response = sender.send_request(request).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let collected = response.into_body().collect().await?;
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no trailers arrived"))?;
+    assert_eq!(collected.to_bytes(), message);
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "echo from grpc-echo");
+    Ok(())
+}

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -53,7 +54,7 @@ async fn answer(
     name: std::sync::Arc<str>,
     connection: u64,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let (parts, body) = req.into_parts();
     // `?sleep_ms=N` delays the answer (at most 10 s): a slow upstream for shutdown tests and demos.
     let sleep_ms = parts
@@ -90,9 +91,17 @@ async fn answer(
         "headers": headers,
         "body_bytes": body.len(),
     });
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return Ok(grpc_echo(&name, body));
+    }
     let mut text = report.to_string();
     text.push('\n');
-    let mut response = Response::new(Full::new(Bytes::from(text)));
+    let mut response = Response::new(Full::new(Bytes::from(text)).boxed());
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -101,4 +110,23 @@ async fn answer(
         response.headers_mut().insert("x-backend", value);
     }
     Ok(response)
+}
+
+/// A gRPC call: the request's (already length-prefixed) message comes back unchanged, and the
+/// status travels in trailers, as gRPC over HTTP/2 requires.
+fn grpc_echo(name: &str, message: Bytes) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    if let Ok(value) = http::HeaderValue::from_str(&format!("echo from {name}")) {
+        trailers.insert("grpc-message", value);
+    }
+    let body = Full::new(message)
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed();
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
