@@ -429,6 +429,19 @@ impl Load {
     }
 }
 
+/// ServiceEntry `reviews.default.svc.cluster.local` with endpoints `v1` and `v2` (labelled
+/// `version`), and the DestinationRule defining subsets v1 and v2.
+pub fn reviews_subsets_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
+    let mut yaml = service_entry_yaml(
+        "reviews",
+        "reviews.default.svc.cluster.local",
+        &[(v1, "version: v1"), (v2, "version: v2")],
+    );
+    yaml += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n\
+             spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+    yaml
+}
+
 /// Test certificates, made with the `openssl` command as an operator would.
 pub struct Pki {
     pub dir: PathBuf,

@@ -4,23 +4,12 @@
 //! The tests in this file run one at a time: each drives steady load, and two loads at once on a
 //! two-core machine would make the timing assertions measure the machine instead of Sluice.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_tests::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn subsets(v1: SocketAddr, v2: SocketAddr) -> String {
-    let mut yaml = service_entry_yaml(
-        "reviews",
-        "reviews.default.svc.cluster.local",
-        &[(v1, "version: v1"), (v2, "version: v2")],
-    );
-    yaml += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n\
-             spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
-    yaml
-}
 
 /// Write `i` of the reload test: weights flip every write, an extra route comes and goes, and every
 /// tenth write is broken (a negative weight).
@@ -49,7 +38,7 @@ fn reload_config(port: u16, backends: &str, i: usize) -> String {
 async fn a_hundred_rewrites_under_load_drop_nothing() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let port = free_port();
-    let backends = subsets(echo("v1").await?, echo("v2").await?);
+    let backends = reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
     let gw = TestGateway::start(&reload_config(port, &backends, 0), &[port])?;
     let load = Load::start(gw.url("/"), "load.test", 32, Duration::from_secs(90));
     let started = Instant::now();

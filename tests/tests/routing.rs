@@ -366,22 +366,12 @@ async fn tally(port: u16, host: &str, n: usize) -> anyhow::Result<HashMap<String
     Ok(counts)
 }
 
-fn subsets_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
-    let mut yaml = service_entry_yaml(
-        "reviews",
-        "reviews.default.svc.cluster.local",
-        &[(v1, "version: v1"), (v2, "version: v2")],
-    );
-    yaml += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n\
-             spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
-    yaml
-}
 
 #[tokio::test]
 async fn weighted_split_90_10_lands_within_3_points_over_2000_requests() -> anyhow::Result<()> {
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
-    yaml += &subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
     yaml += &virtual_service(
         "split",
         &["split.test"],
@@ -402,7 +392,7 @@ async fn zero_weight_destination_gets_nothing_and_weights_need_not_sum_to_100() 
 {
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
-    yaml += &subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
     yaml += &virtual_service(
         "split",
         &["zero.test", "thirds.test"],
@@ -449,7 +439,7 @@ async fn failures_get_precise_statuses() -> anyhow::Result<()> {
     let port = free_port();
     let closed_port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
-    yaml += &subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
     yaml += &format!(
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dead}}\n\
          spec:\n  host: dead.svc\n  subsets: [{{name: none, labels: {{version: v9}}}}]\n{}",

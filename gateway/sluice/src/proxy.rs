@@ -116,29 +116,24 @@ trait EditHeaders {
     fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()>;
 }
 
-impl EditHeaders for RequestHeader {
-    fn remove(&mut self, name: &header::HeaderName) {
-        self.remove_header(name);
-    }
-    fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
-        self.insert_header(name.clone(), value.clone())
-    }
-    fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
-        self.append_header(name.clone(), value.clone()).map(|_| ())
-    }
+/// Both header types have the same methods; one implementation serves them.
+macro_rules! edit_headers_for {
+    ($($header:ty),*) => {$(
+        impl EditHeaders for $header {
+            fn remove(&mut self, name: &header::HeaderName) {
+                self.remove_header(name);
+            }
+            fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
+                self.insert_header(name.clone(), value.clone())
+            }
+            fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
+                self.append_header(name.clone(), value.clone()).map(|_| ())
+            }
+        }
+    )*};
 }
 
-impl EditHeaders for ResponseHeader {
-    fn remove(&mut self, name: &header::HeaderName) {
-        self.remove_header(name);
-    }
-    fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
-        self.insert_header(name.clone(), value.clone())
-    }
-    fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
-        self.append_header(name.clone(), value.clone()).map(|_| ())
-    }
-}
+edit_headers_for!(RequestHeader, ResponseHeader);
 
 /// Istio's order: remove, then set (replace), then add (append).
 fn apply_ops(headers: &mut impl EditHeaders, ops: &HeaderOps) -> Result<()> {

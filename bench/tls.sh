@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# TLS benchmark: Sluice next to nginx, both terminating the same certificate and proxying to the same
+# upstream, measured in the same run, interleaved (nginx, Sluice, nginx, Sluice…).
+#
+#   bench/tls.sh [rounds]          (default 3 rounds; about 1 minute per round)
+#
+# Reports per proxy: full TLS handshakes per second (openssl s_time, a new connection each time) and
+# HTTPS requests per second over keep-alive (h2load, HTTP/1.1 and HTTP/2), medians of the rounds,
+# and Sluice's ratio to nginx. Loopback only; every run is bounded in time. Both proxies get one
+# worker; with two or more cores the load generator is pinned to core 0 and the proxies and upstream
+# to core 1, so they do not compete with it for CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+
+need=()
+for pkg in nginx-light nghttp2-client openssl; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+if ((${#need[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+scripts/setup
+cargo build --release -q -p sluice
+
+work=$(mktemp -d)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$work/nginx" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+if (( $(nproc) >= 2 )); then load="taskset -c 0"; serve="taskset -c 1"; else load=""; serve=""; fi
+
+upstream=18401 nginx_tls=18402 sluice_tls=18403 admin=18404
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.test \
+  -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
+
+# nginx: the upstream (a fixed 2-byte answer) and the TLS peer (same certificate, keep-alive upstream pool).
+mkdir -p "$work/nginx/logs"
+cat > "$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream app { server 127.0.0.1:$upstream; keepalive 64; }
+  server { listen 127.0.0.1:$upstream; location / { return 200 "ok"; } }
+  server {
+    listen 127.0.0.1:$nginx_tls ssl http2;
+    ssl_certificate $work/bench.crt;
+    ssl_certificate_key $work/bench.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+$serve nginx -p "$work/nginx" -c nginx.conf
+
+cat > "$work/sluice.yaml" <<EOF
+apiVersion: sluice.dev/v1alpha1
+kind: GatewaySettings
+metadata: {name: bench}
+spec: {bindAddress: 127.0.0.1, threads: 1, admin: {address: "127.0.0.1:$admin"}, certsDir: "$work/certs", upgradeSocket: "$work/upgrade.sock"}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: $sluice_tls, name: https, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: SIMPLE, serverCertificate: $work/bench.crt, privateKey: $work/bench.key}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app}
+spec:
+  hosts: [app.bench]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {http: $upstream}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: app}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{destination: {host: app.bench}}]
+EOF
+RUST_LOG=warn $serve target/release/sluice run --config "$work/sluice.yaml" 2>"$work/sluice.log" &
+for _ in $(seq 100); do curl -sk -o /dev/null "https://127.0.0.1:$sluice_tls/" && break; sleep 0.1; done
+
+handshakes() { # connections per second over 5 s, a full handshake each
+  $load openssl s_time -connect "127.0.0.1:$1" -new -time 5 2>/dev/null \
+    | awk '/connections in .* real seconds/ { n=$1; for (i=1;i<=NF;i++) if ($i=="in") t=$(i+1); printf "%.0f", n/t; exit }'
+}
+requests() { # requests per second: 16 keep-alive connections, 10 s; $2 = --h1 or empty (h2)
+  $load h2load $2 -D 10 -c 16 -m 1 "https://127.0.0.1:$1/" 2>/dev/null \
+    | awk '/^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") print $(i-1) }' | head -1
+}
+
+declare -A results
+for round in $(seq "$rounds"); do
+  for proxy in nginx sluice; do
+    port=$nginx_tls; [[ $proxy == sluice ]] && port=$sluice_tls
+    results[$proxy,hs]+="$(handshakes $port) "
+    results[$proxy,h1]+="$(requests $port --h1) "
+    results[$proxy,h2]+="$(requests $port '') "
+  done
+  echo "round $round/$rounds done" >&2
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END { if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+printf '\n%-34s %12s %12s %8s\n' "metric (median of $rounds)" nginx sluice ratio
+for metric in hs h1 h2; do
+  case $metric in hs) label="TLS handshakes/s (new connection)";; h1) label="HTTPS req/s, HTTP/1.1 keep-alive";; h2) label="HTTPS req/s, HTTP/2";; esac
+  n=$(echo "${results[nginx,$metric]}" | median); s=$(echo "${results[sluice,$metric]}" | median)
+  ratio=$(awk -v s="$s" -v n="$n" 'BEGIN { if (n>0) printf "%.2f", s/n; else print "n/a" }')
+  printf '%-34s %12.0f %12.0f %8s\n' "$label" "$n" "$s" "$ratio"
+done
+echo
+echo "machine: $(nproc) cores, $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'); pinned: ${load:-no}"
