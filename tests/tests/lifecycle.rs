@@ -10,7 +10,6 @@ use sluice_tests::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-
 /// Write `i` of the reload test: weights flip every write, an extra route comes and goes, and every
 /// tenth write is broken (a negative weight).
 fn reload_config(port: u16, backends: &str, i: usize) -> String {

@@ -366,7 +366,6 @@ async fn tally(port: u16, host: &str, n: usize) -> anyhow::Result<HashMap<String
     Ok(counts)
 }
 
-
 #[tokio::test]
 async fn weighted_split_90_10_lands_within_3_points_over_2000_requests() -> anyhow::Result<()> {
     let port = free_port();

@@ -820,3 +820,98 @@ async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
     assert_eq!(trailers["grpc-message"], "echo from grpc-echo");
     Ok(())
 }
+
+#[tokio::test]
+async fn cipher_suites_are_honoured_and_client_identity_is_routable() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    pki.ca("ca")?;
+    let client_ca = pki.ca("client-ca")?;
+    let (crt, key) = pki.leaf(
+        "s",
+        "ca",
+        &["DNS:suites.test", "DNS:who.test"],
+        KeyType::Ecdsa,
+        false,
+    )?;
+    let (alice_crt, alice_key) = pki.leaf(
+        "alice",
+        "client-ca",
+        &["DNS:alice.test"],
+        KeyType::Ecdsa,
+        true,
+    )?;
+    let port = free_port();
+    let files = format!(
+        "serverCertificate: {}, privateKey: {}",
+        crt.display(),
+        key.display()
+    );
+    let servers = https_server(
+        port,
+        "suites.test",
+        &format!("{{mode: SIMPLE, maxProtocolVersion: TLSV1_2, cipherSuites: [ECDHE-ECDSA-AES256-GCM-SHA384], {files}}}"),
+    ) + &https_server(
+        port,
+        "who.test",
+        &format!("{{mode: OPTIONAL_MUTUAL, caCertificates: {}, {files}}}", client_ca.display()),
+    );
+    let yaml = gateway(&servers)
+        + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: who}\nspec:\n\
+           \x20 hosts: [\"*\"]\n  gateways: [gw]\n  http:\n\
+           \x20 - match: [{headers: {x-forwarded-client-cert: {regex: '.*Subject=\"CN=alice\".*'}}}]\n\
+           \x20   directResponse: {status: 200, body: {string: hello alice}}\n\
+           \x20 - directResponse: {status: 200, body: {string: hello stranger}}\n";
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let cipher = |suite: &'static str| {
+        let port = port;
+        async move {
+            let out = tokio::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &format!("127.0.0.1:{port}"),
+                    "-servername",
+                    "suites.test",
+                    "-tls1_2",
+                    "-cipher",
+                    suite,
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await?;
+            Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let allowed = cipher("ECDHE-ECDSA-AES256-GCM-SHA384").await?;
+    assert!(
+        allowed.contains("Cipher is ECDHE-ECDSA-AES256-GCM-SHA384"),
+        "{allowed}"
+    );
+    let refused = cipher("ECDHE-ECDSA-AES128-GCM-SHA256").await?;
+    assert!(refused.contains("Cipher is (NONE)"), "{refused}");
+
+    // Routes match on the identity Sluice puts in x-forwarded-client-cert, never on a forged one.
+    let ca = pki.dir.join("ca.crt");
+    let pem = std::fs::read_to_string(&alice_key)? + &std::fs::read_to_string(&alice_crt)?;
+    let alice = tls_client(&ca, &["who.test"], port)?
+        .identity(reqwest::Identity::from_pem(pem.as_bytes())?)
+        .build()?;
+    assert_eq!(
+        alice
+            .get(format!("https://who.test:{port}/"))
+            .send()
+            .await?
+            .text()
+            .await?,
+        "hello alice"
+    );
+    let forger = tls_client(&ca, &["who.test"], port)?.build()?;
+    let forged = forger
+        .get(format!("https://who.test:{port}/"))
+        .header("x-forwarded-client-cert", "Hash=00;Subject=\"CN=alice\"")
+        .send()
+        .await?;
+    assert_eq!(forged.text().await?, "hello stranger");
+    Ok(())
+}
