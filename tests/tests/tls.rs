@@ -863,25 +863,22 @@ async fn cipher_suites_are_honoured_and_client_identity_is_routable() -> anyhow:
            \x20   directResponse: {status: 200, body: {string: hello alice}}\n\
            \x20 - directResponse: {status: 200, body: {string: hello stranger}}\n";
     let _gw = TestGateway::start(&yaml, &[port])?;
-    let cipher = |suite: &'static str| {
-        let port = port;
-        async move {
-            let out = tokio::process::Command::new("openssl")
-                .args([
-                    "s_client",
-                    "-connect",
-                    &format!("127.0.0.1:{port}"),
-                    "-servername",
-                    "suites.test",
-                    "-tls1_2",
-                    "-cipher",
-                    suite,
-                ])
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await?;
-            Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
-        }
+    let cipher = |suite: &'static str| async move {
+        let out = tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "suites.test",
+                "-tls1_2",
+                "-cipher",
+                suite,
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await?;
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let allowed = cipher("ECDHE-ECDSA-AES256-GCM-SHA384").await?;
     assert!(
