@@ -23,7 +23,11 @@ scripts/setup
 cargo build --release -q -p sluice
 
 work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; nginx -p "$work/nginx" -c nginx.conf -s stop 2>/dev/null || true; rm -rf "$work"; }
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  for prefix in nginx upstream; do nginx -p "$work/$prefix" -c nginx.conf -s stop 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 if (( $(nproc) >= 2 )); then load="taskset -c 0"; serve="taskset -c 1"; else load=""; serve=""; fi
@@ -32,8 +36,20 @@ upstream=18401 nginx_tls=18402 sluice_tls=18403 admin=18404
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.test \
   -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
 
-# nginx: the upstream (a fixed 2-byte answer) and the TLS peer (same certificate, keep-alive upstream pool).
-mkdir -p "$work/nginx/logs"
+# The upstream is its own nginx process (a fixed 2-byte answer), shared by both proxies: if the nginx
+# under test also served the upstream, it would skip the cross-process hop Sluice pays.
+mkdir -p "$work/upstream/logs" "$work/nginx/logs"
+cat > "$work/upstream/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/upstream/nginx.pid;
+error_log $work/upstream/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$upstream; keepalive_requests 1000000; location / { return 200 "ok"; } }
+}
+EOF
+# The nginx under test: TLS with the same certificate, a keep-alive pool to the upstream.
 cat > "$work/nginx/nginx.conf" <<EOF
 worker_processes 1;
 pid $work/nginx/nginx.pid;
@@ -42,16 +58,17 @@ events { worker_connections 4096; }
 http {
   access_log off;
   upstream app { server 127.0.0.1:$upstream; keepalive 64; }
-  server { listen 127.0.0.1:$upstream; location / { return 200 "ok"; } }
   server {
     listen 127.0.0.1:$nginx_tls ssl http2;
     ssl_certificate $work/bench.crt;
     ssl_certificate_key $work/bench.key;
     ssl_protocols TLSv1.2 TLSv1.3;
+    keepalive_requests 1000000;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 EOF
+$serve nginx -p "$work/upstream" -c nginx.conf
 $serve nginx -p "$work/nginx" -c nginx.conf
 
 cat > "$work/sluice.yaml" <<EOF
