@@ -1,0 +1,226 @@
+//! The pure core end to end, in milliseconds: YAML → model → snapshot → lookups, without sockets.
+
+use http::HeaderMap;
+use sluice_core::model::HostPattern;
+use sluice_core::snapshot::{RequestInfo, RouteLookup, Snapshot, TlsDecision};
+
+fn snapshot(yaml: &str) -> Snapshot {
+    let loaded = sluice_core::load_str("test.yaml", yaml);
+    let errors: Vec<String> = loaded.diagnostics.errors().map(|d| d.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    loaded.snapshot().expect("valid config")
+}
+
+fn errors(yaml: &str) -> Vec<String> {
+    sluice_core::load_str("test.yaml", yaml)
+        .diagnostics
+        .into_sorted()
+        .into_iter()
+        .map(|d| d.to_string())
+        .collect()
+}
+
+const GATEWAY: &str = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: edge}\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts: [\"prod/*.shop.test\", \"./admin.test\", \"*/open.test\"]\n";
+
+fn vs(namespace: &str, hosts: &str, http: &str) -> String {
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs-{namespace}, namespace: {namespace}}}\n\
+         spec:\n  hosts: [{hosts}]\n  gateways: [edge/gw]\n  http:\n{http}"
+    )
+}
+
+fn lookup<'s>(snapshot: &'s Snapshot, host: &str, path: &str) -> RouteLookup<'s> {
+    static HEADERS: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+    snapshot.route(&RequestInfo {
+        method: "GET",
+        scheme: "http",
+        authority: host,
+        path,
+        query: None,
+        headers: HEADERS.get_or_init(HeaderMap::new),
+        port: 80,
+    })
+}
+
+fn direct(body: &str) -> String {
+    format!("  - directResponse: {{status: 200, body: {{string: {body}}}}}\n")
+}
+
+fn body_of(lookup: RouteLookup<'_>) -> Option<String> {
+    match lookup {
+        RouteLookup::Found { route, .. } => match &route.def.action {
+            sluice_core::model::Action::Respond(r) => Some(r.body.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[test]
+fn server_host_namespaces_decide_which_virtual_services_attach() {
+    let yaml = GATEWAY.to_string()
+        + &vs("prod", "\"*.shop.test\"", &direct("prod"))
+        + &vs("dev", "\"dev.shop.test\"", &direct("dev-not-admitted"))
+        + &vs("edge", "admin.test", &direct("admin"))
+        + &vs("other", "open.test", &direct("open"));
+    let s = snapshot(&yaml);
+    assert_eq!(
+        body_of(lookup(&s, "a.shop.test", "/")).as_deref(),
+        Some("prod")
+    );
+    // `dev` may not attach to `prod/*.shop.test`: the prod wildcard still serves the name.
+    assert_eq!(
+        body_of(lookup(&s, "dev.shop.test", "/")).as_deref(),
+        Some("prod")
+    );
+    assert_eq!(
+        body_of(lookup(&s, "admin.test", "/")).as_deref(),
+        Some("admin")
+    );
+    assert_eq!(
+        body_of(lookup(&s, "open.test", "/")).as_deref(),
+        Some("open")
+    );
+    assert!(matches!(
+        lookup(&s, "elsewhere.test", "/"),
+        RouteLookup::NoHost
+    ));
+}
+
+#[test]
+fn virtual_services_for_one_host_merge_in_file_order() {
+    let yaml = GATEWAY.to_string()
+        + &vs("other", "open.test", "  - match: [{uri: {prefix: /a}}]\n    directResponse: {status: 200, body: {string: first}}\n")
+        + &vs("edge", "open.test", &direct("second"));
+    let s = snapshot(&yaml);
+    assert_eq!(
+        body_of(lookup(&s, "open.test", "/a")).as_deref(),
+        Some("first")
+    );
+    assert_eq!(
+        body_of(lookup(&s, "open.test", "/b")).as_deref(),
+        Some("second")
+    );
+}
+
+#[test]
+fn match_gateways_limits_a_block_to_its_gateway() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: a}\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts: [\"*\"]\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: b}\nspec:\n  servers:\n  - port: {number: 81, protocol: HTTP}\n    hosts: [\"*\"]\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: v}\nspec:\n  hosts: [\"x.test\"]\n  gateways: [a, b]\n  http:\n\
+                \x20 - match: [{gateways: [b]}]\n    directResponse: {status: 200, body: {string: only-b}}\n\
+                \x20 - directResponse: {status: 200, body: {string: both}}\n";
+    let s = snapshot(yaml);
+    let on = |port: u16| {
+        let headers = HeaderMap::new();
+        let lookup = s.route(&RequestInfo {
+            method: "GET",
+            scheme: "http",
+            authority: "x.test",
+            path: "/",
+            query: None,
+            headers: &headers,
+            port,
+        });
+        body_of(lookup)
+    };
+    assert_eq!(on(80).as_deref(), Some("both"));
+    assert_eq!(on(81).as_deref(), Some("only-b"));
+}
+
+#[test]
+fn https_redirect_servers_redirect_their_hosts() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                \x20 - port: {number: 80, protocol: HTTP}\n    hosts: [secure.test]\n    tls: {httpsRedirect: true}\n\
+                \x20 - port: {number: 80, protocol: HTTP}\n    hosts: [plain.test]\n";
+    let s = snapshot(yaml);
+    assert!(matches!(
+        lookup(&s, "secure.test", "/"),
+        RouteLookup::HttpsRedirect
+    ));
+    assert!(matches!(lookup(&s, "plain.test", "/"), RouteLookup::NoHost));
+}
+
+#[test]
+fn tls_decisions_prefer_passthrough_then_exact_then_wildcard_then_catch_all() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                \x20 - port: {number: 443, protocol: HTTPS}\n    hosts: [\"*.shop.test\"]\n    tls: {mode: SIMPLE, credentialName: wild}\n\
+                \x20 - port: {number: 443, protocol: HTTPS}\n    hosts: [a.shop.test]\n    tls: {mode: SIMPLE, credentialName: exact}\n\
+                \x20 - port: {number: 443, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: fallback}\n\
+                \x20 - port: {number: 443, protocol: TLS}\n    hosts: [db.shop.test]\n    tls: {mode: PASSTHROUGH}\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\nspec:\n  hosts: [db.internal]\n  ports: [{number: 5432, protocol: TLS}]\n  resolution: DNS\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db}\nspec:\n  hosts: [db.shop.test]\n  gateways: [gw]\n\
+                \x20 tls:\n  - match: [{sniHosts: [db.shop.test]}]\n    route: [{destination: {host: db.internal}}]\n";
+    let s = snapshot(yaml);
+    let tls = &s.listener(443).expect("listener").tls;
+    let credential = |sni: Option<&str>| match tls.decide(sni) {
+        TlsDecision::Terminate(_, server) => format!("{:?}", server.tls.credential),
+        TlsDecision::Passthrough(route) => route.label.clone(),
+        TlsDecision::Refuse => "refuse".into(),
+    };
+    assert!(credential(Some("db.shop.test")).contains("tls[0]"));
+    assert!(credential(Some("a.shop.test")).contains("exact"));
+    assert!(credential(Some("b.shop.test")).contains("wild"));
+    assert!(credential(Some("other.test")).contains("fallback"));
+    assert!(credential(None).contains("fallback"));
+}
+
+#[test]
+fn mesh_listener_answers_to_short_names() {
+    let yaml = "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec: {meshListener: {port: 15080}}\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: shop}\nspec:\n  hosts: [reviews]\n  http:\n\
+                \x20 - directResponse: {status: 200, body: {string: reviews}}\n";
+    let s = snapshot(yaml);
+    for host in [
+        "reviews",
+        "reviews.shop",
+        "reviews.shop.svc",
+        "reviews.shop.svc.cluster.local",
+    ] {
+        let headers = HeaderMap::new();
+        let found = s.route(&RequestInfo {
+            method: "GET",
+            scheme: "http",
+            authority: host,
+            path: "/",
+            query: None,
+            headers: &headers,
+            port: 15080,
+        });
+        assert_eq!(body_of(found).as_deref(), Some("reviews"), "{host}");
+    }
+}
+
+#[test]
+fn host_patterns_intersect_like_istio() {
+    let p = |s: &str| HostPattern::parse(s).expect("pattern");
+    assert_eq!(p("*").intersect(&p("a.test")), Some(p("a.test")));
+    assert_eq!(p("*.test").intersect(&p("a.b.test")), Some(p("a.b.test")));
+    assert_eq!(p("*.b.test").intersect(&p("*.test")), Some(p("*.b.test")));
+    assert_eq!(p("a.test").intersect(&p("b.test")), None);
+    assert_eq!(p("*.test").intersect(&p("test")), None);
+}
+
+#[test]
+fn conflicting_ports_and_duplicate_tls_names_are_errors() {
+    let mixed = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                 \x20 - port: {number: 8443, protocol: HTTP}\n    hosts: [a.test]\n\
+                 \x20 - port: {number: 8443, protocol: HTTPS}\n    hosts: [b.test]\n    tls: {mode: SIMPLE, credentialName: b}\n";
+    let found = errors(mixed);
+    assert!(
+        found
+            .iter()
+            .any(|e| e.starts_with("test.yaml:8:") && e.contains("cannot share a port")),
+        "{found:#?}"
+    );
+    let unknown_suite = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                         \x20 - port: {number: 8443, protocol: HTTPS}\n    hosts: [b.test]\n\
+                         \x20   tls: {mode: SIMPLE, credentialName: b, cipherSuites: [AES128-SHA]}\n";
+    let found = errors(unknown_suite);
+    assert!(
+        found
+            .iter()
+            .any(|e| e.contains("cipher suite `AES128-SHA` is not offered")),
+        "{found:#?}"
+    );
+}
