@@ -1,3 +1,6 @@
+// Fixtures here are known-valid YAML: failing loudly is the point.
+#![allow(clippy::expect_used)]
+
 //! The pure core end to end, in milliseconds: YAML → model → snapshot → lookups, without sockets.
 
 use http::HeaderMap;
