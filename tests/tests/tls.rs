@@ -375,6 +375,24 @@ async fn mutual_tls_verifies_clients_and_forwards_their_identity() -> anyhow::Re
         !xfcc.contains("forged"),
         "a client-sent XFCC survived: {xfcc}"
     );
+    // A connection made without a certificate for the OPTIONAL_MUTUAL name cannot reach the MUTUAL
+    // name's routes through the Host header: 421, as for any host of another server.
+    // (HTTP/1.1: an h2 request whose `host` differs from `:authority` is already malformed.)
+    let anonymous = tls_client(&server_ca, &hosts, port)?.http1_only().build()?;
+    let r = send(
+        anonymous
+            .get(format!("https://optional.test:{port}/"))
+            .header("host", "mtls.test"),
+    )
+    .await?;
+    assert_eq!(r.status, 421, "{r:?}");
+    assert!(
+        r.body
+            .as_str()
+            .unwrap_or("")
+            .contains("misdirected request"),
+        "{r:?}"
+    );
     // OPTIONAL_MUTUAL: no certificate is fine, and then there is no identity either.
     let anonymous = tls_client(&server_ca, &hosts, port)?.build()?;
     let r = send(

@@ -19,7 +19,7 @@ use sluice_core::model::ListenerFamily;
 use sluice_core::snapshot::TlsDecision;
 
 use crate::state::Live;
-use crate::tls::{peek_server_name, IdentityCallback};
+use crate::tls::{peek_server_name, SessionCallback};
 
 pub struct ListenerApp<A> {
     pub inner: Arc<A>,
@@ -50,25 +50,24 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
                 return;
             }
         };
-        let acceptor = match listener.tls.decide(server_name.as_deref()) {
+        let (acceptor, server) = match listener.tls.decide(server_name.as_deref()) {
             TlsDecision::Passthrough(route) => {
                 crate::upstream::forward(stream, route, &generation, &self.live).await;
                 return;
             }
             TlsDecision::Terminate(index, server) => {
                 match generation.tls.acceptor(self.port, index) {
-                    Some(acceptor) => acceptor.clone(),
+                    Some(acceptor) => (acceptor.clone(), server.label.as_str().into()),
                     None => {
                         debug!("port {}: no acceptor for {}", self.port, server.label);
                         return;
                     }
                 }
             }
-            TlsDecision::Refuse => generation.tls.refuse().clone(),
+            TlsDecision::Refuse => (generation.tls.refuse().clone(), Arc::from("")),
         };
-        match handshake_with_callback(&acceptor, crate::boxed_io::Boxed(stream), &IdentityCallback)
-            .await
-        {
+        let callback = SessionCallback { server };
+        match handshake_with_callback(&acceptor, crate::boxed_io::Boxed(stream), &callback).await {
             Ok(tls) => self.serve_http(Box::new(tls), shutdown).await,
             Err(e) => debug!(
                 "port {}: TLS handshake with SNI {server_name:?} failed: {e}",
@@ -86,6 +85,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let generation = self.live.current();
+        // What a port speaks is fixed when it is bound. If a reload changed it (HTTP → HTTPS, say),
+        // serving the new routes over the old family could expose TLS-only routes in plaintext: the
+        // port closes connections until a restart binds it anew (reported in `needsRestart`).
+        let family = generation
+            .snapshot
+            .listener(self.port)
+            .map(|l| l.spec.family);
+        if family.is_some_and(|f| f != self.family) {
+            debug!(
+                "port {}: now configured as {family:?}, bound as {:?}; closing",
+                self.port, self.family
+            );
+            return None;
+        }
         let proxy_protocol = generation.snapshot.settings.proxy_protocol.clone();
         if let Some(settings) = proxy_protocol.filter(|s| s.applies_to(self.port)) {
             if let Err(reason) = crate::proxy_protocol::accept(stream.as_mut(), &settings).await {

@@ -200,13 +200,54 @@ impl GatewayProxy {
         }
     }
 
-    /// `x-forwarded-client-cert` carries the verified client certificate (mutual TLS) and nothing
-    /// else: whatever a client sent under that name is dropped, so routes can match on it.
-    fn set_client_certificate_header(&self, session: &mut Session) -> Result<()> {
-        let identity = session
+    /// On a TLS listener, the request's host must belong to the server that accepted the
+    /// connection, under that server's current client-certificate policy; otherwise 421 Misdirected
+    /// Request (RFC 9110), and the client opens a connection for that name. Returns the session.
+    fn check_tls_session(
+        &self,
+        session: &Session,
+        generation: &Generation,
+    ) -> std::result::Result<Option<crate::tls::TlsSession>, &'static str> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let tls_session = session
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
-            .and_then(|ssl| ssl.extension.get::<crate::tls::ClientIdentity>())
+            .and_then(|ssl| ssl.extension.get::<crate::tls::TlsSession>())
+            .cloned()
+            .ok_or("misdirected request: no TLS session\n")?;
+        let info = request_info(session.req_header(), self.port, "https");
+        let host = sluice_core::snapshot::host_of_authority(info.authority);
+        let listener = generation
+            .snapshot
+            .listener(self.port)
+            .ok_or("misdirected request: this port no longer serves TLS\n")?;
+        match listener.tls.decide(Some(host)) {
+            sluice_core::snapshot::TlsDecision::Terminate(_, server)
+                if *server.label == *tls_session.server =>
+            {
+                let needs_certificate = server.tls.mode == sluice_core::model::TlsMode::Mutual;
+                if needs_certificate && tls_session.identity.is_none() {
+                    return Err(
+                        "misdirected request: this host requires a client certificate; reconnect\n",
+                    );
+                }
+                Ok(Some(tls_session))
+            }
+            _ => Err("misdirected request: the TLS connection was made for another server name\n"),
+        }
+    }
+
+    /// `x-forwarded-client-cert` carries the verified client certificate (mutual TLS) and nothing
+    /// else: whatever a client sent under that name is dropped, so routes can match on it.
+    fn set_client_certificate_header(
+        &self,
+        session: &mut Session,
+        tls_session: Option<&crate::tls::TlsSession>,
+    ) -> Result<()> {
+        let identity = tls_session
+            .and_then(|s| s.identity.as_ref())
             .map(|identity| identity.xfcc.clone());
         let req = session.req_header_mut();
         req.remove_header("x-forwarded-client-cert");
@@ -229,7 +270,23 @@ impl ProxyHttp for GatewayProxy {
         ctx._in_flight = Some(self.live.request_started());
         let generation = self.live.current();
         normalize_request_path(session.req_header_mut())?;
-        self.set_client_certificate_header(session)?;
+        let tls_session = match self.check_tls_session(session, &generation) {
+            Ok(tls_session) => tls_session,
+            Err(reason) => {
+                ctx.generation = Some(generation);
+                respond(
+                    session,
+                    421,
+                    None,
+                    Bytes::from_static(reason.as_bytes()),
+                    None,
+                    &self.live,
+                )
+                .await?;
+                return Ok(true);
+            }
+        };
+        self.set_client_certificate_header(session, tls_session.as_ref())?;
         let info = request_info(session.req_header(), self.port, self.scheme());
         let lookup = generation.snapshot.route(&info);
         let answer = match lookup {

@@ -427,6 +427,16 @@ async fn peek(stream: &mut dyn IO, buf: &mut [u8]) -> Result<(), String> {
     }
 }
 
+/// What a terminated TLS connection was accepted as: the Gateway server whose settings the
+/// handshake used, and the verified client certificate, if any. Every request on the connection is
+/// checked against it, so a client cannot present one name in SNI and reach another server's routes
+/// (with a weaker client-certificate policy) through the Host header.
+#[derive(Debug, Clone)]
+pub struct TlsSession {
+    pub server: Arc<str>,
+    pub identity: Option<ClientIdentity>,
+}
+
 /// The verified client certificate of a connection, as Envoy writes `x-forwarded-client-cert`.
 #[derive(Debug, Clone)]
 pub struct ClientIdentity {
@@ -459,17 +469,24 @@ impl ClientIdentity {
     }
 }
 
-/// Records the client certificate's identity once the handshake is done.
-pub struct IdentityCallback;
+/// Records, once the handshake is done, which server accepted the connection and the client
+/// certificate's identity.
+pub struct SessionCallback {
+    pub server: Arc<str>,
+}
 
 #[async_trait]
-impl TlsAccept for IdentityCallback {
+impl TlsAccept for SessionCallback {
     async fn handshake_complete_callback(
         &self,
         tls: &TlsRef,
     ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let der = tls.peer_certificate_der()?;
-        ClientIdentity::from_der(der)
-            .map(|identity| Arc::new(identity) as Arc<dyn Any + Send + Sync>)
+        let identity = tls
+            .peer_certificate_der()
+            .and_then(ClientIdentity::from_der);
+        Some(Arc::new(TlsSession {
+            server: self.server.clone(),
+            identity,
+        }))
     }
 }
