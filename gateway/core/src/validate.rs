@@ -1127,8 +1127,14 @@ impl Validator<'_> {
             let mut sni_hosts = Vec::new();
             for (k, raw) in m.sni_hosts.iter().enumerate() {
                 let sni_path = format!("{path}.sniHosts[{k}]");
+                // Istio: every SNI host must be within the VirtualService's hosts (equal or
+                // more specific), so a route cannot claim names another team's service owns.
                 match HostPattern::parse(&expand_short_name(raw, ctx.namespace)) {
-                    Ok(sni) if vs_hosts.iter().any(|h| h.intersect(&sni).is_some()) => {
+                    Ok(sni)
+                        if vs_hosts
+                            .iter()
+                            .any(|h| h.intersect(&sni).as_ref() == Some(&sni)) =>
+                    {
                         sni_hosts.push(sni)
                     }
                     Ok(sni) => {

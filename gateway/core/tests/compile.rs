@@ -156,6 +156,7 @@ fn tls_decisions_prefer_passthrough_then_exact_then_wildcard_then_catch_all() {
                 \x20 tls:\n  - match: [{sniHosts: [db.shop.test]}]\n    route: [{destination: {host: db.internal}}]\n";
     let s = snapshot(yaml);
     let tls = &s.listener(443).expect("listener").tls;
+    // An exact terminating name beats a passthrough wildcard, and the reverse (checked below).
     let credential = |sni: Option<&str>| match tls.decide(sni) {
         TlsDecision::Terminate(_, server) => format!("{:?}", server.tls.credential),
         TlsDecision::Passthrough(route) => route.label.clone(),
@@ -226,4 +227,37 @@ fn conflicting_ports_and_duplicate_tls_names_are_errors() {
             .any(|e| e.contains("cipher suite `AES128-SHA` is not offered")),
         "{found:#?}"
     );
+}
+
+#[test]
+fn sni_hosts_must_lie_within_the_virtual_service_hosts() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                \x20 - port: {number: 443, protocol: TLS}\n    hosts: [\"*.x.test\"]\n    tls: {mode: PASSTHROUGH}\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grab}\nspec:\n  hosts: [a.x.test]\n  gateways: [gw]\n\
+                \x20 tls:\n  - match: [{sniHosts: [\"*.x.test\"]}]\n    route: [{destination: {host: a.internal, port: {number: 443}}}]\n";
+    let found = errors(yaml);
+    assert!(
+        found.iter().any(|e| e.starts_with("test.yaml:17:25:")
+            && e.contains("is not one of this VirtualService's `hosts`")),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn the_more_specific_name_wins_between_passthrough_and_termination() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                \x20 - port: {number: 443, protocol: TLS}\n    hosts: [\"*.x.test\"]\n    tls: {mode: PASSTHROUGH}\n\
+                \x20 - port: {number: 443, protocol: HTTPS}\n    hosts: [shop.x.test]\n    tls: {mode: SIMPLE, credentialName: shop}\n\
+                ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: pass}\nspec:\n  hosts: [\"*.x.test\"]\n  gateways: [gw]\n\
+                \x20 tls:\n  - match: [{sniHosts: [\"*.x.test\"]}]\n    route: [{destination: {host: a.internal, port: {number: 443}}}]\n";
+    let s = snapshot(yaml);
+    let tls = &s.listener(443).expect("listener").tls;
+    assert!(matches!(
+        tls.decide(Some("shop.x.test")),
+        TlsDecision::Terminate(..)
+    ));
+    assert!(matches!(
+        tls.decide(Some("db.x.test")),
+        TlsDecision::Passthrough(..)
+    ));
 }

@@ -39,6 +39,26 @@ impl<T> HostTable<T> {
         }
     }
 
+    /// Like [`HostTable::lookup`], with how specific the match was: exact names rank highest, then
+    /// longer wildcard suffixes, then `*` (0). Lets two tables be compared for the same name.
+    pub fn lookup_ranked(&self, host: &str) -> Option<(&T, usize)> {
+        if host.len() > 253 {
+            return None;
+        }
+        let host = lower(host);
+        if let Some(found) = self.exact.get(host.as_ref()) {
+            return Some((found, usize::MAX));
+        }
+        let mut rest = host.as_ref();
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some(found) = self.wildcard.get(rest) {
+                return Some((found, rest.len() + 1));
+            }
+        }
+        self.any.as_ref().map(|found| (found, 0))
+    }
+
     /// Finds the entry serving `host` (a bare host name, any case, no port). A wildcard
     /// `*.example.com` serves `a.example.com` and `a.b.example.com`, never `example.com`; the longest
     /// matching suffix wins.

@@ -79,21 +79,22 @@ pub enum TlsDecision<'s> {
 }
 
 impl TlsTable {
+    /// The most specific name wins across both tables (an exact HTTPS host over a passthrough
+    /// wildcard, and the reverse); on a tie, passthrough.
     pub fn decide(&self, sni: Option<&str>) -> TlsDecision<'_> {
         let name = sni.unwrap_or("");
-        if let Some(route) = sni
-            .and_then(|n| self.passthrough.lookup(n))
-            .and_then(|routes| routes.first())
-        {
-            return TlsDecision::Passthrough(route);
-        }
-        match self
+        let passthrough = sni
+            .and_then(|n| self.passthrough.lookup_ranked(n))
+            .and_then(|(routes, rank)| routes.first().map(|route| (route, rank)));
+        let terminate = self
             .terminate
-            .lookup(name)
-            .and_then(|i| self.servers.get(*i).map(|server| (*i, server)))
-        {
-            Some((index, server)) => TlsDecision::Terminate(index, server),
-            None => TlsDecision::Refuse,
+            .lookup_ranked(name)
+            .and_then(|(i, rank)| self.servers.get(*i).map(|server| (*i, server, rank)));
+        match (passthrough, terminate) {
+            (Some((route, p)), Some((_, _, t))) if p >= t => TlsDecision::Passthrough(route),
+            (Some((route, _)), None) => TlsDecision::Passthrough(route),
+            (_, Some((index, server, _))) => TlsDecision::Terminate(index, server),
+            (None, None) => TlsDecision::Refuse,
         }
     }
 
@@ -234,14 +235,16 @@ impl Snapshot {
 impl Listener {
     pub fn route(&self, req: &RequestInfo<'_>) -> RouteLookup<'_> {
         let host = host_of_authority(req.authority);
-        if !self.https_redirect.is_empty() && self.https_redirect.lookup(host).is_some() {
-            return RouteLookup::HttpsRedirect;
+        let vhost = self.hosts.lookup_ranked(host);
+        if !self.https_redirect.is_empty() {
+            // A redirecting server wins unless a plaintext route serves the name more specifically.
+            if let Some((_, redirect_rank)) = self.https_redirect.lookup_ranked(host) {
+                if vhost.is_none_or(|(_, rank)| redirect_rank >= rank) {
+                    return RouteLookup::HttpsRedirect;
+                }
+            }
         }
-        let Some(vhost) = self
-            .hosts
-            .lookup(host)
-            .and_then(|i| self.virtual_hosts.get(*i))
-        else {
+        let Some(vhost) = vhost.and_then(|(i, _)| self.virtual_hosts.get(*i)) else {
             return RouteLookup::NoHost;
         };
         for route in &vhost.routes {
