@@ -21,6 +21,9 @@ use sluice_core::snapshot::TlsDecision;
 use crate::state::Live;
 use crate::tls::{peek_server_name, SessionCallback};
 
+/// The PROXY header, ClientHello and TLS handshake together must finish within this.
+const PRE_HTTP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct ListenerApp<A> {
     pub inner: Arc<A>,
     pub live: Arc<Live>,
@@ -38,29 +41,50 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
         }
     }
 
-    async fn tls(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
-        let generation = self.live.current();
-        let Some(listener) = generation.snapshot.listener(self.port) else {
-            return;
+    async fn tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        // The TLS handshake (and what precedes it) must finish in time: a client that sends a
+        // ClientHello and then nothing may not hold the connection.
+        let tls = match tokio::time::timeout(PRE_HTTP_DEADLINE, self.accept_tls(stream)).await {
+            Ok(Some(tls)) => tls,
+            Ok(None) => return,
+            Err(_) => {
+                debug!(
+                    "port {}: TLS handshake not done within {PRE_HTTP_DEADLINE:?}",
+                    self.port
+                );
+                return;
+            }
         };
+        self.serve_http(tls, shutdown).await
+    }
+
+    /// Reads the ClientHello and terminates, passes through (then returns `None`) or refuses.
+    async fn accept_tls(&self, mut stream: Stream) -> Option<Stream> {
+        let generation = self.live.current();
+        let listener = generation.snapshot.listener(self.port)?;
         let server_name = match peek_server_name(stream.as_mut()).await {
             Ok(name) => name,
             Err(reason) => {
                 debug!("port {}: {reason}", self.port);
-                return;
+                return None;
             }
         };
         let (acceptor, server) = match listener.tls.decide(server_name.as_deref()) {
             TlsDecision::Passthrough(route) => {
-                crate::upstream::forward(stream, route, &generation, &self.live).await;
-                return;
+                let route = route.clone();
+                let (generation, live) = (generation.clone(), self.live.clone());
+                // Forwarding is not part of the handshake deadline.
+                tokio::spawn(async move {
+                    crate::upstream::forward(stream, &route, &generation, &live).await
+                });
+                return None;
             }
             TlsDecision::Terminate(index, server) => {
                 match generation.tls.acceptor(self.port, index) {
                     Some(acceptor) => (acceptor.clone(), server.label.as_str().into()),
                     None => {
                         debug!("port {}: no acceptor for {}", self.port, server.label);
-                        return;
+                        return None;
                     }
                 }
             }
@@ -68,11 +92,14 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
         };
         let callback = SessionCallback { server };
         match handshake_with_callback(&acceptor, crate::boxed_io::Boxed(stream), &callback).await {
-            Ok(tls) => self.serve_http(Box::new(tls), shutdown).await,
-            Err(e) => debug!(
-                "port {}: TLS handshake with SNI {server_name:?} failed: {e}",
-                self.port
-            ),
+            Ok(tls) => Some(Box::new(tls)),
+            Err(e) => {
+                debug!(
+                    "port {}: TLS handshake with SNI {server_name:?} failed: {e}",
+                    self.port
+                );
+                None
+            }
         }
     }
 }
@@ -101,7 +128,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
         }
         let proxy_protocol = generation.snapshot.settings.proxy_protocol.clone();
         if let Some(settings) = proxy_protocol.filter(|s| s.applies_to(self.port)) {
-            if let Err(reason) = crate::proxy_protocol::accept(stream.as_mut(), &settings).await {
+            let accepted = tokio::time::timeout(
+                PRE_HTTP_DEADLINE,
+                crate::proxy_protocol::accept(stream.as_mut(), &settings),
+            )
+            .await
+            .unwrap_or_else(|_| Err("PROXY header not complete in time".into()));
+            if let Err(reason) = accepted {
                 debug!("closing connection on port {}: {reason}", self.port);
                 return None;
             }

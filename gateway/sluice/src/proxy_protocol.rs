@@ -35,19 +35,31 @@ pub enum Header {
 
 /// Reads a PROXY header if one starts the stream; bytes that are not one stay unread.
 pub async fn read_header(stream: &mut dyn IO) -> Result<Header, String> {
-    let mut start = [0u8; 12];
-    match tokio::time::timeout(HEADER_TIMEOUT, stream.try_peek(&mut start)).await {
-        Err(_) => return Err("no data within 5 s".into()),
-        Ok(Err(e)) => return Err(format!("read failed: {e}")),
-        Ok(Ok(false)) => return Ok(Header::Absent),
-        Ok(Ok(true)) => {}
+    // Five bytes tell a header from anything else, so a client whose first message is short is
+    // not kept waiting for bytes it will never send.
+    let mut start = [0u8; 5];
+    if !peek_exact(stream, &mut start).await? {
+        return Ok(Header::Absent);
     }
-    if &start == V2_SIGNATURE {
+    if start == *b"PROXY" {
+        return read_v1(stream).await;
+    }
+    if start != V2_SIGNATURE[..5] {
+        return Ok(Header::Absent);
+    }
+    let mut signature = [0u8; 12];
+    if peek_exact(stream, &mut signature).await? && &signature == V2_SIGNATURE {
         read_v2(stream).await
-    } else if start.starts_with(b"PROXY ") {
-        read_v1(stream).await
     } else {
         Ok(Header::Absent)
+    }
+}
+
+async fn peek_exact(stream: &mut dyn IO, buf: &mut [u8]) -> Result<bool, String> {
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.try_peek(buf)).await {
+        Err(_) => Err("no data within 5 s".into()),
+        Ok(Err(e)) => Err(format!("read failed: {e}")),
+        Ok(Ok(peeked)) => Ok(peeked),
     }
 }
 
@@ -113,9 +125,11 @@ async fn read_exact(stream: &mut dyn IO, buf: &mut [u8]) -> Result<(), String> {
 /// Applies the PROXY policy to a new connection: reads the header where one is expected and makes
 /// its address the connection's client address. `Err` means close the connection.
 pub async fn accept(stream: &mut dyn IO, settings: &ProxyProtocolSettings) -> Result<(), String> {
-    let peer = stream
-        .get_socket_digest()
-        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+    let peer = stream.get_socket_digest().and_then(|d| {
+        d.peer_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical())
+    });
     let trusted = peer.is_some_and(|ip| settings.trusts(ip));
     let header = read_header(stream).await?;
     match (header, trusted) {

@@ -377,6 +377,7 @@ fn refusing_config() -> ServerConfig {
 /// them bigger than they used to be).
 const MAX_CLIENT_HELLO: usize = 32 * 1024;
 const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CLIENT_HELLO_RECORDS: usize = 8;
 
 /// Reads the ClientHello without consuming it and returns its server name (lower-case), so the
 /// connection can be terminated with the right server's settings or passed through untouched.
@@ -389,7 +390,8 @@ pub async fn peek_server_name(stream: &mut dyn IO) -> Result<Option<String>, Str
 async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut seen = 0usize;
-    loop {
+    // A ClientHello fits in one record or a few; refusing more keeps re-peeking bounded.
+    for _record in 0..MAX_CLIENT_HELLO_RECORDS {
         let mut header = vec![0u8; seen + 5];
         peek(stream, &mut header).await?;
         let record = &header[seen..];
@@ -403,9 +405,16 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
         }
         let mut bytes = vec![0u8; total];
         peek(stream, &mut bytes).await?;
-        acceptor
-            .read_tls(&mut &bytes[seen..])
-            .map_err(|e| format!("reading ClientHello: {e}"))?;
+        // rustls takes at most 4 KiB per call: feed it until the record is used up.
+        let mut unread = &bytes[seen..];
+        while !unread.is_empty() {
+            let read = acceptor
+                .read_tls(&mut unread)
+                .map_err(|e| format!("reading ClientHello: {e}"))?;
+            if read == 0 {
+                break;
+            }
+        }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
                 return Ok(accepted
@@ -417,6 +426,7 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
             Err((e, _)) => return Err(format!("invalid ClientHello: {e}")),
         }
     }
+    Err("ClientHello spread over too many records".into())
 }
 
 async fn peek(stream: &mut dyn IO, buf: &mut [u8]) -> Result<(), String> {
@@ -448,18 +458,16 @@ impl ClientIdentity {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let hash = ring::digest::digest(&ring::digest::SHA256, der);
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let mut xfcc = format!(
-            "Hash={hex};Subject=\"{}\"",
-            cert.subject().to_string().replace('"', "\\\"")
-        );
+        let subject = xfcc_value(&cert.subject().to_string(), true);
+        let mut xfcc = format!("Hash={hex};Subject={subject}");
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {
                     x509_parser::extensions::GeneralName::URI(uri) => {
-                        xfcc.push_str(&format!(";URI={uri}"))
+                        xfcc.push_str(&format!(";URI={}", xfcc_value(uri, false)))
                     }
                     x509_parser::extensions::GeneralName::DNSName(dns) => {
-                        xfcc.push_str(&format!(";DNS={dns}"))
+                        xfcc.push_str(&format!(";DNS={}", xfcc_value(dns, false)))
                     }
                     _ => {}
                 }
@@ -467,6 +475,26 @@ impl ClientIdentity {
         }
         Some(Self { xfcc })
     }
+}
+
+/// A value in `x-forwarded-client-cert`, as Envoy writes it: quoted when it contains a separator
+/// (`,` `;` `=`) or a quote, with `"` and `\` escaped; control characters dropped. A crafted
+/// certificate (a URI containing `;DNS=admin`, say) therefore cannot add fields or break the header.
+fn xfcc_value(value: &str, always_quote: bool) -> String {
+    let clean: String = value.chars().filter(|c| !c.is_control()).collect();
+    if !always_quote && !clean.contains([',', ';', '=', '"', '\\']) {
+        return clean;
+    }
+    let mut out = String::with_capacity(clean.len() + 2);
+    out.push('"');
+    for c in clean.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 /// Records, once the handshake is done, which server accepted the connection and the client
@@ -488,5 +516,21 @@ impl TlsAccept for SessionCallback {
             server: self.server.clone(),
             identity,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xfcc_value;
+
+    #[test]
+    fn xfcc_values_cannot_add_fields() {
+        assert_eq!(xfcc_value("spiffe://a/b", false), "spiffe://a/b");
+        assert_eq!(
+            xfcc_value("spiffe://a;DNS=admin", false),
+            "\"spiffe://a;DNS=admin\""
+        );
+        assert_eq!(xfcc_value("CN=x\",O=\\y", true), "\"CN=x\\\",O=\\\\y\"");
+        assert_eq!(xfcc_value("a\r\nb", false), "ab");
     }
 }

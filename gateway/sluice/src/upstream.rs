@@ -44,12 +44,9 @@ pub fn endpoint_address(
 
 /// Forwards a whole connection (TLS passthrough or TCP) to the route's weighted destination and
 /// copies bytes both ways until either side closes.
-pub async fn forward(
-    mut downstream: Stream,
-    route: &L4Route,
-    generation: &Generation,
-    live: &Live,
-) {
+pub async fn forward(downstream: Stream, route: &L4Route, generation: &Generation, live: &Live) {
+    // A forwarded connection is in flight for shutdown, like a request.
+    let _in_flight = live.request_started();
     let Some(target) = route.targets.pick().and_then(|i| route.targets.get(i)) else {
         return;
     };
@@ -61,7 +58,7 @@ pub async fn forward(
         }
     };
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address));
-    let mut upstream = match connect.await {
+    let upstream = match connect.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             debug!("{}: connecting to {address}: {e}", route.label);
@@ -73,7 +70,54 @@ pub async fn forward(
         }
     };
     let _ = upstream.set_nodelay(true);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+    if let Err(e) = copy_until_idle(downstream, upstream, L4_IDLE_TIMEOUT).await {
         debug!("{}: connection to {address} ended: {e}", route.label);
+    }
+}
+
+/// Envoy's `tcp_proxy` default: a forwarded connection with no byte either way for this long closes.
+pub const L4_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Copies both ways until either side closes, or nothing moves for `idle`.
+async fn copy_until_idle(
+    downstream: Stream,
+    upstream: tokio::net::TcpStream,
+    idle: Duration,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "idle");
+    let (mut down_read, mut down_write) = tokio::io::split(downstream);
+    let (mut up_read, mut up_write) = upstream.into_split();
+    let mut down_buf = vec![0u8; 16 * 1024];
+    let mut up_buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            read = tokio::time::timeout(idle, down_read.read(&mut down_buf)) => {
+                let n = read.map_err(|_| timed_out())??;
+                if n == 0 {
+                    // The client is done sending: pass that on, then drain the answer.
+                    up_write.shutdown().await?;
+                    tokio::time::timeout(idle, tokio::io::copy(&mut up_read, &mut down_write))
+                        .await
+                        .map_err(|_| timed_out())??;
+                    return Ok(());
+                }
+                up_write.write_all(&down_buf[..n]).await?;
+                up_write.flush().await?;
+            }
+            read = tokio::time::timeout(idle, up_read.read(&mut up_buf)) => {
+                let n = read.map_err(|_| timed_out())??;
+                if n == 0 {
+                    down_write.shutdown().await?;
+                    tokio::time::timeout(idle, tokio::io::copy(&mut down_read, &mut up_write))
+                        .await
+                        .map_err(|_| timed_out())??;
+                    return Ok(());
+                }
+                // Pingora's stream buffers writes: flush, or the bytes wait for more.
+                down_write.write_all(&up_buf[..n]).await?;
+                down_write.flush().await?;
+            }
+        }
     }
 }
