@@ -930,3 +930,85 @@ async fn cipher_suites_are_honoured_and_client_identity_is_routable() -> anyhow:
     assert_eq!(forged.text().await?, "hello stranger");
     Ok(())
 }
+
+#[tokio::test]
+async fn kubernetes_secret_rotation_is_picked_up() -> anyhow::Result<()> {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    pki.ca("first-ca")?;
+    pki.ca("second-ca")?;
+    pki.leaf(
+        "first",
+        "first-ca",
+        &["DNS:k8s.test"],
+        KeyType::Ecdsa,
+        false,
+    )?;
+    pki.leaf(
+        "second",
+        "second-ca",
+        &["DNS:k8s.test"],
+        KeyType::Ecdsa,
+        false,
+    )?;
+    // The layout kubelet mounts: certs/site/{tls.crt,tls.key} -> ..data/… -> ..<timestamp>/….
+    let gw_dir = tempfile::tempdir()?;
+    let secret = gw_dir.path().join("certs/site");
+    std::fs::create_dir_all(&secret)?;
+    let publish = |version: &str, name: &str| -> anyhow::Result<()> {
+        let versioned = secret.join(format!("..{version}"));
+        std::fs::create_dir_all(&versioned)?;
+        std::fs::copy(
+            pki.dir.join(format!("{name}.crt")),
+            versioned.join("tls.crt"),
+        )?;
+        std::fs::copy(
+            pki.dir.join(format!("{name}.key")),
+            versioned.join("tls.key"),
+        )?;
+        let staged = secret.join("..data_tmp");
+        let _ = std::fs::remove_file(&staged);
+        symlink(format!("..{version}"), &staged)?;
+        std::fs::rename(&staged, secret.join("..data"))?;
+        Ok(())
+    };
+    publish("2026_01", "first")?;
+    symlink("..data/tls.crt", secret.join("tls.crt"))?;
+    symlink("..data/tls.key", secret.join("tls.key"))?;
+    let port = free_port();
+    let upstream = echo("app").await?;
+    let yaml = gateway(&https_server(
+        port,
+        "k8s.test",
+        "{mode: SIMPLE, credentialName: site}",
+    )) + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + ROUTE_ALL;
+    let gw = TestGateway::start_in(gw_dir, &yaml, &[port])?;
+    let url = format!("https://k8s.test:{port}/");
+    assert_eq!(
+        status_of(
+            tls_client(&pki.dir.join("first-ca.crt"), &["k8s.test"], port)?,
+            &url
+        )
+        .await,
+        Ok(200)
+    );
+    publish("2026_02", "second")?;
+    let rotated = Instant::now();
+    while status_of(
+        tls_client(&pki.dir.join("second-ca.crt"), &["k8s.test"], port)?,
+        &url,
+    )
+    .await
+        != Ok(200)
+    {
+        anyhow::ensure!(
+            rotated.elapsed() < Duration::from_secs(2),
+            "rotation not served after 2 s; log:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}

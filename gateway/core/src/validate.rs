@@ -286,6 +286,8 @@ impl Validator<'_> {
     fn gateways(&mut self) -> Vec<Gateway> {
         let set = self.set;
         let mut protocols_by_port: HashMap<u16, (ServerProtocol, String)> = HashMap::new();
+        // On a TLS port a name chooses the certificate (or passthrough): it must be unambiguous.
+        let mut tls_names: HashMap<(u16, HostPattern), String> = HashMap::new();
         let mut out = Vec::new();
         for doc in &set.gateways {
             let mut servers = Vec::new();
@@ -320,6 +322,28 @@ impl Validator<'_> {
                         }
                         _ => {
                             protocols_by_port.insert(server.port, (server.protocol, doc.id()));
+                        }
+                    }
+                    if server.protocol.is_tls() {
+                        for (j, host) in server.hosts.iter().enumerate() {
+                            let key = (server.port, host.host.clone());
+                            let here = format!("{} {base}", doc.id());
+                            if let Some(first) = tls_names.get(&key) {
+                                let message = format!(
+                                    "`{}` on TLS port {} is already served by {first}: a TLS name can \
+                                     belong to one server only",
+                                    host.host, server.port
+                                );
+                                self.error(
+                                    At {
+                                        origin: &doc.origin,
+                                        path: format!("{base}.hosts[{j}]"),
+                                    },
+                                    message,
+                                );
+                            } else {
+                                tls_names.insert(key, here);
+                            }
                         }
                     }
                     servers.push(server);

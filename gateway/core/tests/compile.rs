@@ -261,3 +261,16 @@ fn the_more_specific_name_wins_between_passthrough_and_termination() {
         TlsDecision::Passthrough(..)
     ));
 }
+
+#[test]
+fn a_tls_name_belongs_to_one_server_per_port() {
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n\
+                \x20 - port: {number: 443, protocol: HTTPS}\n    hosts: [a.test]\n    tls: {mode: SIMPLE, credentialName: one}\n\
+                \x20 - port: {number: 443, protocol: TLS}\n    hosts: [a.test]\n    tls: {mode: PASSTHROUGH}\n";
+    let found = errors(yaml);
+    assert!(
+        found.iter().any(|e| e.starts_with("test.yaml:10:")
+            && e.contains("already served by default/gw spec.servers[0]")),
+        "{found:#?}"
+    );
+}

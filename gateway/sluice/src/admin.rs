@@ -195,15 +195,30 @@ impl BackgroundService for AdminService {
 /// Reads the admin token from `path`, creating it (mode 0600, 32 random bytes as hex) when missing.
 pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     use anyhow::Context;
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let token = text.trim().to_string();
-        if token.len() < 16 {
-            anyhow::bail!(
-                "admin token in {} is shorter than 16 characters",
-                path.display()
-            );
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim().to_string();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "admin token in {} is shorter than 16 characters",
+                    path.display()
+                );
+            }
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                log::warn!(
+                    "admin token file {} is readable by others (mode {:o}): chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                );
+            }
+            return Ok(token);
         }
-        return Ok(token);
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("reading admin token {}", path.display()));
+        }
+        Err(_) => {}
     }
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
@@ -214,13 +229,31 @@ pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     use std::os::unix::fs::OpenOptionsExt;
+    // Written to a temporary file and renamed into place: another replica starting at the same
+    // moment either sees no token or a whole one, never a half-written file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating admin token file {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("creating admin token file {}", tmp.display()))?;
     file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        // Someone else created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return load_or_create_token(path)
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("creating admin token file {}", path.display()))
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
     info!("admin token written to {} (mode 0600)", path.display());
     Ok(token)
 }

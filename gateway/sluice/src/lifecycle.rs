@@ -41,7 +41,7 @@ impl ShutdownSignalWatch for Signals {
             }
             _ = quit.recv() => {
                 info!("SIGQUIT: handing the listening sockets to the new process");
-                self.live.start_draining();
+                self.live.start_handover();
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {

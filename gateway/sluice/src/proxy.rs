@@ -102,7 +102,7 @@ async fn respond(
 /// (on other replicas, or the upgraded process) before listeners stop, instead of racing a close
 /// with their next request on an idle keep-alive connection. This is what Envoy does when draining.
 fn close_if_draining(session: &mut Session, resp: &mut ResponseHeader, live: &Live) -> Result<()> {
-    if live.is_draining() && !session.is_http2() {
+    if live.is_closing() && !session.is_http2() {
         resp.insert_header(header::CONNECTION, "close")?;
         session.set_keepalive(None);
     }

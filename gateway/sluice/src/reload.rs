@@ -213,10 +213,12 @@ fn watch_dirs(paths: &[PathBuf], certs_dir: &Path, certificates: &[PathBuf]) -> 
 /// Whether a file event is a certificate or key changing (not covered by the config fingerprint, so
 /// the reload it triggers is forced).
 fn is_certificate(event_path: &Path) -> bool {
-    matches!(
-        event_path.extension().and_then(|e| e.to_str()),
-        Some("crt" | "key" | "pem" | "cert")
-    )
+    let in_secret = event_path.components().any(|c| c.as_os_str() == "..data");
+    in_secret
+        || matches!(
+            event_path.extension().and_then(|e| e.to_str()),
+            Some("crt" | "key" | "pem" | "cert")
+        )
 }
 
 /// Whether a file event can change the config: a YAML file, a watched file, a certificate, or a
@@ -270,7 +272,14 @@ impl BackgroundService for ReloadService {
         let _watcher = match watcher {
             Ok(mut watcher) => {
                 for dir in watch_dirs(&paths, &certs_dir, &certificates) {
-                    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                    // certsDir is watched with its subdirectories: mounted Kubernetes secrets
+                    // (`certs/NAME/tls.crt`) rotate by swapping `certs/NAME/..data`.
+                    let mode = if dir == certs_dir {
+                        RecursiveMode::Recursive
+                    } else {
+                        RecursiveMode::NonRecursive
+                    };
+                    if let Err(e) = watcher.watch(&dir, mode) {
                         warn!(
                             "cannot watch {}: {e}; edits there need SIGHUP",
                             dir.display()

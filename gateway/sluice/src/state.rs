@@ -50,8 +50,11 @@ pub struct Live {
     pub status: Mutex<ReloadStatus>,
     /// Listeners are bound and serving (Pingora reached its running phase).
     serving: AtomicBool,
-    /// Shutdown or upgrade has begun: `/readyz` answers 503 so the balancer moves away.
+    /// Shutdown has begun: `/readyz` answers 503 so the balancer moves away.
     draining: AtomicBool,
+    /// Shutdown or an upgrade has begun: HTTP/1.1 responses say `Connection: close` so clients
+    /// reconnect (to another replica, or to the process that took the sockets over).
+    closing: AtomicBool,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -80,6 +83,7 @@ impl Live {
             }),
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             in_flight: Arc::new(AtomicUsize::new(0)),
         }))
     }
@@ -115,6 +119,17 @@ impl Live {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// An upgrade: connections should move to the new process, which serves the same sockets, so
+    /// the balancer must keep seeing this node as ready.
+    pub fn start_handover(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     pub fn is_draining(&self) -> bool {
