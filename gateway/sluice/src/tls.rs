@@ -134,13 +134,13 @@ fn origination(tls: &UpstreamTls, host: &str) -> Result<Origination, String> {
     };
     let client = match &tls.client_certificate {
         Some((cert, key)) => {
-            let certified = load_certified_key(cert, key)?;
-            let key_der = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?
-                .secret_der()
-                .to_vec();
+            let path = key;
+            let (certified, key) = load_key_pair(cert, key)?;
+            let key_der = key.secret_der().to_vec();
+            // Pingora's connector turns these bytes back into a key with this same conversion and
+            // unwraps it per connection: check it here, where a failure is a config error.
             PrivateKeyDer::try_from(key_der.clone())
-                .map_err(|e| format!("private key {} is not usable: {e}", key.display()))?;
+                .map_err(|e| format!("private key {} is not usable: {e}", path.display()))?;
             let chain: Vec<Vec<u8>> = certified.cert.iter().map(|c| c.as_ref().to_vec()).collect();
             Some(Arc::new(CertKey::new(chain, key_der)))
         }
@@ -222,6 +222,14 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
 /// Reads a certificate chain and its key, and checks that they belong together and that the leaf
 /// is valid now.
 pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
+    load_key_pair(cert_path, key_path).map(|(certified, _)| certified)
+}
+
+/// [`load_certified_key`], also returning the key's DER (which the upstream connector needs).
+fn load_key_pair(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(CertifiedKey, PrivateKeyDer<'static>), String> {
     let chain = read_certificates(cert_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| format!("cannot read private key {}: {e}", key_path.display()))?;
@@ -238,7 +246,7 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Certified
     if let Some(leaf) = certified.cert.first() {
         check_validity(leaf, cert_path)?;
     }
-    Ok(certified)
+    Ok((certified, key))
 }
 
 fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), String> {
