@@ -1,9 +1,57 @@
 //! Prometheus metrics: one registry, handles created once and held in one struct.
 //!
-//! Served as text on the admin address at `/metrics`. This module owns Sluice's own operational
-//! metrics; request metrics with Istio's names belong here too when they arrive.
+//! Served as text on the admin address at `/metrics`: Sluice's own operational metrics, and request
+//! and TCP metrics under Istio's names and labels so Istio's dashboards work unchanged. Request
+//! metrics are recorded through [`DestinationSeries`], resolved per destination for each config
+//! generation: recording formats no label and takes no global lock.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+use sluice_core::model::ServiceKey;
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's buckets for request and response sizes (1 B to 100 MB, ×10).
+const SIZE_BUCKETS: [f64; 9] = [
+    1.0,
+    10.0,
+    100.0,
+    1000.0,
+    10000.0,
+    100000.0,
+    1000000.0,
+    10000000.0,
+    100000000.0,
+];
+const REQUEST_LABELS: [&str; 9] = [
+    "reporter",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_version",
+];
+const TCP_LABELS: [&str; 7] = [
+    "reporter",
+    "response_flags",
+    "connection_security_policy",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_version",
+];
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -11,6 +59,14 @@ pub struct Metrics {
     reload_total: IntCounterVec,
     last_reload_successful: IntGauge,
     generation: IntGauge,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    request_bytes: HistogramVec,
+    response_bytes: HistogramVec,
+    tcp_opened: IntCounterVec,
+    tcp_closed: IntCounterVec,
+    tcp_sent: IntCounterVec,
+    tcp_received: IntCounterVec,
 }
 
 impl Metrics {
@@ -37,11 +93,70 @@ impl Metrics {
         // Both label values exist from the start so rate() queries see zeros, not gaps.
         reload_total.with_label_values(&["success"]);
         reload_total.with_label_values(&["failure"]);
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "istio_requests_total",
+                "Requests, by Istio's standard labels.",
+            ),
+            &REQUEST_LABELS,
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new("istio_request_duration_milliseconds", "Request duration.")
+                .buckets(DURATION_BUCKETS.to_vec()),
+            &REQUEST_LABELS,
+        )?;
+        let request_bytes = HistogramVec::new(
+            HistogramOpts::new("istio_request_bytes", "Request size: headers and body.")
+                .buckets(SIZE_BUCKETS.to_vec()),
+            &REQUEST_LABELS,
+        )?;
+        let response_bytes = HistogramVec::new(
+            HistogramOpts::new("istio_response_bytes", "Response size: headers and body.")
+                .buckets(SIZE_BUCKETS.to_vec()),
+            &REQUEST_LABELS,
+        )?;
+        let tcp = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &TCP_LABELS);
+        let tcp_opened = tcp(
+            "istio_tcp_connections_opened_total",
+            "TCP connections opened.",
+        )?;
+        let tcp_closed = tcp(
+            "istio_tcp_connections_closed_total",
+            "TCP connections closed.",
+        )?;
+        let tcp_sent = tcp(
+            "istio_tcp_sent_bytes_total",
+            "Bytes sent to clients over TCP.",
+        )?;
+        let tcp_received = tcp(
+            "istio_tcp_received_bytes_total",
+            "Bytes received from clients over TCP.",
+        )?;
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(request_bytes.clone()),
+            Box::new(response_bytes.clone()),
+            Box::new(tcp_opened.clone()),
+            Box::new(tcp_closed.clone()),
+            Box::new(tcp_sent.clone()),
+            Box::new(tcp_received.clone()),
+        ] {
+            registry.register(collector)?;
+        }
         Ok(Self {
             registry,
             reload_total,
             last_reload_successful,
             generation,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
         })
     }
     /// Records a reload attempt. The initial load counts as a successful reload of generation 1.
@@ -64,4 +179,177 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// How a request ended, as Envoy's (and so Istio's) `response_flags` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ResponseFlag {
+    #[default]
+    None,
+    /// NR: no route.
+    NoRoute,
+    /// UH: no healthy upstream (no endpoint).
+    NoHealthyUpstream,
+    /// UF: upstream connection failure.
+    UpstreamConnectFailure,
+    /// UC: upstream connection termination.
+    UpstreamTermination,
+    /// UT: upstream request timeout.
+    UpstreamTimeout,
+    /// DC: downstream connection termination.
+    DownstreamTermination,
+}
+
+impl ResponseFlag {
+    fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::None => "-",
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectFailure => "UF",
+            ResponseFlag::UpstreamTermination => "UC",
+            ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::DownstreamTermination => "DC",
+        }
+    }
+}
+
+/// The labels of one request that vary per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    pub grpc: bool,
+    pub code: u16,
+    pub flag: ResponseFlag,
+    pub mutual_tls: bool,
+}
+
+/// One resolved set of request series.
+#[derive(Debug)]
+struct RequestSeries {
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// The metrics of one destination (or of requests that reached none), for one config generation.
+#[derive(Debug)]
+pub struct DestinationSeries {
+    /// destination_service, _name, _namespace, _version.
+    labels: [String; 4],
+    series: ArcSwap<HashMap<RequestKey, Arc<RequestSeries>>>,
+    tcp: [IntCounter; 4],
+}
+
+impl DestinationSeries {
+    /// The series of `destination` (`None`: requests that matched no destination).
+    pub fn new(metrics: &Metrics, destination: Option<&ServiceKey>) -> Self {
+        let labels = destination_labels(destination);
+        let values = [
+            "source",
+            "-",
+            "none",
+            labels[0].as_str(),
+            labels[1].as_str(),
+            labels[2].as_str(),
+            labels[3].as_str(),
+        ];
+        let tcp = [
+            metrics.tcp_opened.with_label_values(&values),
+            metrics.tcp_closed.with_label_values(&values),
+            metrics.tcp_sent.with_label_values(&values),
+            metrics.tcp_received.with_label_values(&values),
+        ];
+        Self {
+            labels,
+            series: ArcSwap::from_pointee(HashMap::new()),
+            tcp,
+        }
+    }
+
+    /// Records one request. The first request of a label combination resolves its series; later
+    /// ones only look them up.
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        key: RequestKey,
+        millis: f64,
+        request_bytes: usize,
+        response_bytes: usize,
+    ) {
+        let series = match self.series.load().get(&key) {
+            Some(series) => series.clone(),
+            None => self.resolve(metrics, key),
+        };
+        series.requests.inc();
+        series.duration.observe(millis);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
+    }
+
+    fn resolve(&self, metrics: &Metrics, key: RequestKey) -> Arc<RequestSeries> {
+        let code = key.code.to_string();
+        let values = [
+            "source",
+            if key.grpc { "grpc" } else { "http" },
+            code.as_str(),
+            key.flag.as_str(),
+            if key.mutual_tls { "mutual_tls" } else { "none" },
+            self.labels[0].as_str(),
+            self.labels[1].as_str(),
+            self.labels[2].as_str(),
+            self.labels[3].as_str(),
+        ];
+        let series = Arc::new(RequestSeries {
+            requests: metrics.requests.with_label_values(&values),
+            duration: metrics.duration.with_label_values(&values),
+            request_bytes: metrics.request_bytes.with_label_values(&values),
+            response_bytes: metrics.response_bytes.with_label_values(&values),
+        });
+        self.series.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.entry(key).or_insert_with(|| series.clone());
+            next
+        });
+        series
+    }
+
+    /// A forwarded (TLS passthrough or TCP) connection opened.
+    pub fn tcp_opened(&self) {
+        self.tcp[0].inc();
+    }
+
+    /// A forwarded connection closed after `sent` bytes to the client and `received` from it.
+    pub fn tcp_closed(&self, sent: u64, received: u64) {
+        self.tcp[1].inc();
+        self.tcp[2].inc_by(sent);
+        self.tcp[3].inc_by(received);
+    }
+}
+
+/// Istio's destination labels for a service: `reviews.shop.svc.cluster.local` → name `reviews`,
+/// namespace `shop`; other hosts keep their full name and namespace `unknown`.
+fn destination_labels(destination: Option<&ServiceKey>) -> [String; 4] {
+    let Some(key) = destination else {
+        return [
+            "unknown".into(),
+            "unknown".into(),
+            "unknown".into(),
+            "unknown".into(),
+        ];
+    };
+    let (name, namespace) = match key
+        .host
+        .strip_suffix(".svc.cluster.local")
+        .and_then(|s| s.split_once('.'))
+    {
+        Some((name, namespace)) => (name.to_string(), namespace.to_string()),
+        None => (key.host.clone(), "unknown".to_string()),
+    };
+    [
+        key.host.clone(),
+        name,
+        namespace,
+        key.subset.clone().unwrap_or_else(|| "unknown".into()),
+    ]
 }

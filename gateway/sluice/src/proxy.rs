@@ -21,6 +21,7 @@ use pingora::{ErrorSource, ErrorType};
 use sluice_core::model::{Action, HeaderOps, UpstreamProtocol};
 use sluice_core::snapshot::{redirect_location, rewrite_path, RequestInfo, Route, RouteLookup};
 
+use crate::metrics::{RequestKey, ResponseFlag};
 use crate::state::{Generation, Live};
 
 pub struct GatewayProxy {
@@ -41,6 +42,9 @@ pub struct RequestCtx {
     target: Option<usize>,
     /// Why Sluice itself failed the request, for the error body.
     failure: Option<&'static str>,
+    started: Option<std::time::Instant>,
+    flag: ResponseFlag,
+    mutual_tls: bool,
 }
 
 impl RequestCtx {
@@ -147,6 +151,36 @@ fn apply_ops(headers: &mut impl EditHeaders, ops: &HeaderOps) -> Result<()> {
         headers.add(name, value)?;
     }
     Ok(())
+}
+
+/// Envoy's response flag for an error Sluice did not classify itself.
+fn flag_of(error: &Error) -> ResponseFlag {
+    match (error.esource(), error.etype()) {
+        (
+            _,
+            ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectTimedout
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::InvalidCert,
+        ) => ResponseFlag::UpstreamConnectFailure,
+        (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+            ResponseFlag::UpstreamTimeout
+        }
+        (ErrorSource::Upstream, _) => ResponseFlag::UpstreamTermination,
+        (ErrorSource::Downstream, _) => ResponseFlag::DownstreamTermination,
+        _ => ResponseFlag::None,
+    }
+}
+
+/// Bytes of a header block as sent on HTTP/1.1 (`name: value\r\n` each): Istio's sizes include
+/// headers.
+fn header_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
 }
 
 /// Removes `.`/`..` segments before routing (Istio's default path normalization), so the route that
@@ -268,6 +302,7 @@ impl ProxyHttp for GatewayProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx._in_flight = Some(self.live.request_started());
+        ctx.started = Some(std::time::Instant::now());
         let generation = self.live.current();
         normalize_request_path(session.req_header_mut())?;
         let tls_session = match self.check_tls_session(session, &generation) {
@@ -286,9 +321,16 @@ impl ProxyHttp for GatewayProxy {
                 return Ok(true);
             }
         };
+        ctx.mutual_tls = tls_session.as_ref().is_some_and(|s| s.identity.is_some());
         self.set_client_certificate_header(session, tls_session.as_ref())?;
         let info = request_info(session.req_header(), self.port, self.scheme());
         let lookup = generation.snapshot.route(&info);
+        if matches!(
+            lookup,
+            RouteLookup::NoListener | RouteLookup::NoHost | RouteLookup::NoRoute
+        ) {
+            ctx.flag = ResponseFlag::NoRoute;
+        }
         let answer = match lookup {
             RouteLookup::NoListener | RouteLookup::NoHost => Some((
                 404,
@@ -362,6 +404,7 @@ impl ProxyHttp for GatewayProxy {
             Ok(addr) => addr,
             Err(reason) => {
                 ctx.failure = Some(reason);
+                ctx.flag = ResponseFlag::NoHealthyUpstream;
                 return Err(fail("no healthy upstream", 503));
             }
         };
@@ -478,6 +521,48 @@ impl ProxyHttp for GatewayProxy {
             apply_ops(upstream_response, &route.def.headers.response)?;
         }
         Ok(())
+    }
+
+    /// Metrics, once per request whatever happened to it.
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
+        let Some(generation) = ctx.generation.as_ref() else {
+            return;
+        };
+        let flag = match (ctx.flag, error) {
+            (ResponseFlag::None, Some(e)) => flag_of(e),
+            (flag, _) => flag,
+        };
+        let request = session.req_header();
+        let grpc = request
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let request_bytes =
+            header_bytes(&request.headers) + request.uri.path().len() + session.body_bytes_read();
+        let (code, response_bytes) = match session.response_written() {
+            Some(response) => (
+                response.status.as_u16(),
+                header_bytes(&response.headers) + session.body_bytes_sent(),
+            ),
+            None => (0, 0),
+        };
+        let millis = ctx
+            .started
+            .map_or(0.0, |started| started.elapsed().as_secs_f64() * 1000.0);
+        let key = RequestKey {
+            grpc,
+            code,
+            flag,
+            mutual_tls: ctx.mutual_tls,
+        };
+        let cluster = ctx.target().map(|t| t.cluster);
+        generation.series(cluster).record(
+            &self.live.metrics,
+            key,
+            millis,
+            request_bytes,
+            response_bytes,
+        );
     }
 
     async fn fail_to_proxy(

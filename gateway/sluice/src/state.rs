@@ -14,7 +14,7 @@ use serde::Serialize;
 use sluice_core::snapshot::Snapshot;
 
 use crate::dns::DnsCache;
-use crate::metrics::Metrics;
+use crate::metrics::{DestinationSeries, Metrics};
 use crate::tls::TlsListeners;
 
 /// One applied config.
@@ -24,6 +24,34 @@ pub struct Generation {
     pub snapshot: Snapshot,
     /// Certificates and TLS settings of this generation's TLS listeners.
     pub tls: TlsListeners,
+    /// Request and TCP metrics per cluster (same index as the snapshot's clusters).
+    pub series: Vec<Arc<DestinationSeries>>,
+    /// Metrics of requests that reached no destination (no route, redirects, direct responses).
+    pub unrouted: Arc<DestinationSeries>,
+}
+
+impl Generation {
+    fn new(number: u64, snapshot: Snapshot, tls: TlsListeners, metrics: &Metrics) -> Self {
+        let series = snapshot
+            .clusters()
+            .iter()
+            .map(|cluster| Arc::new(DestinationSeries::new(metrics, Some(&cluster.key))))
+            .collect();
+        Self {
+            number,
+            snapshot,
+            tls,
+            series,
+            unrouted: Arc::new(DestinationSeries::new(metrics, None)),
+        }
+    }
+
+    /// The metrics of the cluster at `index`, or of unrouted requests.
+    pub fn series(&self, cluster: Option<usize>) -> &DestinationSeries {
+        cluster
+            .and_then(|i| self.series.get(i))
+            .unwrap_or(&self.unrouted)
+    }
 }
 
 /// What `GET /api/v1/status` reports about configuration.
@@ -67,11 +95,7 @@ impl Live {
         let metrics = Metrics::new()?;
         metrics.record_reload(true, 1);
         Ok(Arc::new(Self {
-            current: ArcSwap::from_pointee(Generation {
-                number: 1,
-                snapshot,
-                tls,
-            }),
+            current: ArcSwap::from_pointee(Generation::new(1, snapshot, tls, &metrics)),
             dns: DnsCache::default(),
             metrics,
             status: Mutex::new(ReloadStatus {
@@ -95,11 +119,12 @@ impl Live {
     /// Applies a new snapshot as the next generation and returns its number.
     pub fn apply(&self, snapshot: Snapshot, tls: TlsListeners) -> u64 {
         let number = self.current.load().number + 1;
-        self.current.store(Arc::new(Generation {
+        self.current.store(Arc::new(Generation::new(
             number,
             snapshot,
             tls,
-        }));
+            &self.metrics,
+        )));
         number
     }
 

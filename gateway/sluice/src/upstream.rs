@@ -70,19 +70,25 @@ pub async fn forward(downstream: Stream, route: &L4Route, generation: &Generatio
         }
     };
     let _ = upstream.set_nodelay(true);
-    if let Err(e) = copy_until_idle(downstream, upstream, L4_IDLE_TIMEOUT).await {
+    let series = generation.series(Some(target.cluster));
+    series.tcp_opened();
+    let mut counts = (0u64, 0u64);
+    if let Err(e) = copy_until_idle(downstream, upstream, L4_IDLE_TIMEOUT, &mut counts).await {
         debug!("{}: connection to {address} ended: {e}", route.label);
     }
+    series.tcp_closed(counts.0, counts.1);
 }
 
 /// Envoy's `tcp_proxy` default: a forwarded connection with no byte either way for this long closes.
 pub const L4_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Copies both ways until either side closes, or nothing moves for `idle`.
+/// `counts` gets (bytes sent to the client, bytes received from it), also when it ends in an error.
 async fn copy_until_idle(
     downstream: Stream,
     upstream: tokio::net::TcpStream,
     idle: Duration,
+    counts: &mut (u64, u64),
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "idle");
@@ -97,11 +103,12 @@ async fn copy_until_idle(
                 if n == 0 {
                     // The client is done sending: pass that on, then drain the answer.
                     up_write.shutdown().await?;
-                    tokio::time::timeout(idle, tokio::io::copy(&mut up_read, &mut down_write))
+                    counts.0 += tokio::time::timeout(idle, tokio::io::copy(&mut up_read, &mut down_write))
                         .await
                         .map_err(|_| timed_out())??;
                     return Ok(());
                 }
+                counts.1 += n as u64;
                 up_write.write_all(&down_buf[..n]).await?;
                 up_write.flush().await?;
             }
@@ -109,11 +116,12 @@ async fn copy_until_idle(
                 let n = read.map_err(|_| timed_out())??;
                 if n == 0 {
                     down_write.shutdown().await?;
-                    tokio::time::timeout(idle, tokio::io::copy(&mut down_read, &mut up_write))
+                    counts.1 += tokio::time::timeout(idle, tokio::io::copy(&mut down_read, &mut up_write))
                         .await
                         .map_err(|_| timed_out())??;
                     return Ok(());
                 }
+                counts.0 += n as u64;
                 // Pingora's stream buffers writes: flush, or the bytes wait for more.
                 down_write.write_all(&up_buf[..n]).await?;
                 down_write.flush().await?;
