@@ -24,6 +24,12 @@ fn gateway(servers: &str) -> String {
     )
 }
 
+/// A gateway with `servers`, whose every host routes to an echo upstream `app`.
+async fn app_behind(servers: &str) -> anyhow::Result<String> {
+    let upstream = echo("app").await?;
+    Ok(gateway(servers) + &service_entry_yaml("app", "app.svc", &[(upstream, "")]) + ROUTE_ALL)
+}
+
 async fn status_of(builder: reqwest::ClientBuilder, url: &str) -> Result<u16, String> {
     let client = builder.build().map_err(|e| e.to_string())?;
     client
@@ -171,13 +177,12 @@ async fn a_catch_all_server_answers_clients_without_sni() -> anyhow::Result<()> 
     )?;
     // credentialName in the Kubernetes-secret layout: certsDir/NAME/tls.crt + tls.key.
     let port = free_port();
-    let upstream = echo("app").await?;
-    let yaml = gateway(&https_server(
+    let yaml = app_behind(&https_server(
         port,
         "\"*\"",
         "{mode: SIMPLE, credentialName: fallback}",
-    )) + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
-        + ROUTE_ALL;
+    ))
+    .await?;
     let gw_dir = tempfile::tempdir()?;
     let secret = gw_dir.path().join("certs/fallback");
     std::fs::create_dir_all(&secret)?;
@@ -566,13 +571,12 @@ async fn replaced_certificates_are_served_within_two_seconds_and_broken_ones_are
     pki.leaf("old", "old-ca", &["DNS:swap.test"], KeyType::Ecdsa, false)?;
     pki.leaf("new", "new-ca", &["DNS:swap.test"], KeyType::Rsa, false)?;
     let port = free_port();
-    let upstream = echo("app").await?;
-    let yaml = gateway(&https_server(
+    let yaml = app_behind(&https_server(
         port,
         "swap.test",
         "{mode: SIMPLE, credentialName: swap}",
-    )) + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
-        + ROUTE_ALL;
+    ))
+    .await?;
     // The certificate must exist before Sluice starts: put it in the gateway's own certs dir.
     let gw_dir = tempfile::tempdir()?;
     let certs = gw_dir.path().join("certs");
@@ -977,13 +981,12 @@ async fn kubernetes_secret_rotation_is_picked_up() -> anyhow::Result<()> {
     symlink("..data/tls.crt", secret.join("tls.crt"))?;
     symlink("..data/tls.key", secret.join("tls.key"))?;
     let port = free_port();
-    let upstream = echo("app").await?;
-    let yaml = gateway(&https_server(
+    let yaml = app_behind(&https_server(
         port,
         "k8s.test",
         "{mode: SIMPLE, credentialName: site}",
-    )) + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
-        + ROUTE_ALL;
+    ))
+    .await?;
     let gw = TestGateway::start_in(gw_dir, &yaml, &[port])?;
     let url = format!("https://k8s.test:{port}/");
     assert_eq!(

@@ -100,20 +100,26 @@ impl Metrics {
             ),
             &REQUEST_LABELS,
         )?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new("istio_request_duration_milliseconds", "Request duration.")
-                .buckets(DURATION_BUCKETS.to_vec()),
-            &REQUEST_LABELS,
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &REQUEST_LABELS,
+            )
+        };
+        let duration = histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration.",
+            &DURATION_BUCKETS,
         )?;
-        let request_bytes = HistogramVec::new(
-            HistogramOpts::new("istio_request_bytes", "Request size: headers and body.")
-                .buckets(SIZE_BUCKETS.to_vec()),
-            &REQUEST_LABELS,
+        let request_bytes = histogram(
+            "istio_request_bytes",
+            "Request size: headers and body.",
+            &SIZE_BUCKETS,
         )?;
-        let response_bytes = HistogramVec::new(
-            HistogramOpts::new("istio_response_bytes", "Response size: headers and body.")
-                .buckets(SIZE_BUCKETS.to_vec()),
-            &REQUEST_LABELS,
+        let response_bytes = histogram(
+            "istio_response_bytes",
+            "Response size: headers and body.",
+            &SIZE_BUCKETS,
         )?;
         let tcp = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &TCP_LABELS);
         let tcp_opened = tcp(
