@@ -596,3 +596,56 @@ async fn http2_service_ports_are_reached_over_h2c() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn request_ids_and_trace_headers_travel_with_the_request() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &virtual_service(
+        "ids",
+        &["*"],
+        "  - route: [{destination: {host: app.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    // Generated when absent: a version 4 UUID, the same upstream and back to the client.
+    let r = get(port, "ids.test", "/").await?;
+    let id = r.request_header("x-request-id").unwrap_or("").to_string();
+    let parts: Vec<&str> = id.split('-').collect();
+    assert_eq!(
+        parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+        [8, 4, 4, 4, 12],
+        "{id}"
+    );
+    assert!(
+        parts[2].starts_with('4') && "89ab".contains(&parts[3][..1]),
+        "{id}"
+    );
+    assert_eq!(r.headers["x-request-id"], id.as_str());
+    let other = get(port, "ids.test", "/").await?;
+    assert_ne!(other.request_header("x-request-id"), Some(id.as_str()));
+    // Kept when present; B3 and W3C trace context pass through unchanged.
+    let trace = [
+        ("x-request-id", "my-request-1"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ("x-b3-sampled", "1"),
+    ];
+    let mut request = client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .header("host", "ids.test");
+    for (name, value) in trace {
+        request = request.header(name, value);
+    }
+    let r = send(request).await?;
+    for (name, value) in trace {
+        assert_eq!(r.request_header(name), Some(value), "{name}");
+    }
+    assert_eq!(r.headers["x-request-id"], "my-request-1");
+    Ok(())
+}

@@ -45,6 +45,8 @@ pub struct RequestCtx {
     started: Option<std::time::Instant>,
     flag: ResponseFlag,
     mutual_tls: bool,
+    /// `x-request-id`, as received or generated; echoed to the client.
+    request_id: Option<HeaderValue>,
 }
 
 impl RequestCtx {
@@ -151,6 +153,29 @@ fn apply_ops(headers: &mut impl EditHeaders, ops: &HeaderOps) -> Result<()> {
         headers.add(name, value)?;
     }
     Ok(())
+}
+
+/// Keeps the client's `x-request-id`, or sets a new random (version 4) UUID, as Envoy does, so a
+/// request can be followed through logs and upstreams.
+fn ensure_request_id(req: &mut RequestHeader) -> Result<Option<HeaderValue>> {
+    if let Some(id) = req.headers.get("x-request-id").filter(|v| !v.is_empty()) {
+        return Ok(Some(id.clone()));
+    }
+    let bits = fastrand::u128(..);
+    // Version 4 and the RFC 4122 variant, in their fixed places.
+    let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    let value = HeaderValue::from_str(&id).map_err(|_| fail("request id", 500))?;
+    req.insert_header("x-request-id", value.clone())?;
+    Ok(Some(value))
 }
 
 /// Envoy's response flag for an error Sluice did not classify itself.
@@ -322,6 +347,7 @@ impl ProxyHttp for GatewayProxy {
             }
         };
         ctx.mutual_tls = tls_session.as_ref().is_some_and(|s| s.identity.is_some());
+        ctx.request_id = ensure_request_id(session.req_header_mut())?;
         self.set_client_certificate_header(session, tls_session.as_ref())?;
         let info = request_info(session.req_header(), self.port, self.scheme());
         let lookup = generation.snapshot.route(&info);
@@ -514,6 +540,9 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         close_if_draining(session, upstream_response, &self.live)?;
+        if let Some(id) = &ctx.request_id {
+            upstream_response.insert_header("x-request-id", id.clone())?;
+        }
         if let Some(target) = ctx.target() {
             apply_ops(upstream_response, &target.headers.response)?;
         }
