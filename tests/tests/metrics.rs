@@ -199,3 +199,118 @@ async fn request_metrics_use_istio_names_labels_and_buckets() -> anyhow::Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_access_log_writes_one_line_per_request() -> anyhow::Result<()> {
+    let port = free_port();
+    let upstream = echo("app").await?;
+    let log_dir = tempfile::tempdir()?;
+    let json_log = log_dir.path().join("access.json");
+    let yaml = gateway_yaml(port, &["*"]).replace(
+        "  threads: 1\n",
+        &format!("  threads: 1\n  accessLog: {{path: {}}}\n", json_log.display()),
+    ) + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: app}\nspec:\n  hosts: [log.test]\n  gateways: [gw]\n  http:\n\
+           \x20 - match: [{uri: {prefix: /app}}]\n    route: [{destination: {host: app.svc}}]\n";
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let r = send(
+        client()
+            .get(format!("http://127.0.0.1:{port}/app/x?y=1"))
+            .header("host", "log.test")
+            .header("x-request-id", "req-42")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(get(port, "log.test", "/missing").await?.status, 404);
+    // Lines are written off the request path: wait for both.
+    let started = std::time::Instant::now();
+    let lines = loop {
+        let text = std::fs::read_to_string(&json_log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= 2 || started.elapsed().as_secs() > 3 {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let first = &lines[0];
+    for (field, expected) in [
+        ("method", serde_json::json!("GET")),
+        ("authority", serde_json::json!("log.test")),
+        ("path", serde_json::json!("/app/x?y=1")),
+        ("protocol", serde_json::json!("HTTP/1.1")),
+        ("status", serde_json::json!(200)),
+        ("response_flags", serde_json::json!("-")),
+        ("client_address", serde_json::json!("127.0.0.1")),
+        ("upstream_address", serde_json::json!(upstream.to_string())),
+        ("route", serde_json::json!("default/app http[0]")),
+        ("destination", serde_json::json!("app.svc:80")),
+        ("request_id", serde_json::json!("req-42")),
+        (
+            "trace_id",
+            serde_json::json!("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ),
+    ] {
+        assert_eq!(first[field], expected, "{field} in {first}");
+    }
+    assert!(first["bytes_sent"].as_u64().unwrap_or(0) > 100, "{first}");
+    assert!(
+        first["start_time"].as_str().unwrap_or("").ends_with('Z'),
+        "{first}"
+    );
+    assert!(first["duration_ms"].as_f64().is_some(), "{first}");
+    let second = &lines[1];
+    assert_eq!(
+        (second["status"].as_u64(), second["response_flags"].as_str()),
+        (Some(404), Some("NR"))
+    );
+    assert!(
+        second["upstream_address"].is_null() && second["request_id"].as_str().is_some(),
+        "{second}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn access_log_format_strings_fill_fields_and_typos_are_errors() -> anyhow::Result<()> {
+    let port = free_port();
+    let log_dir = tempfile::tempdir()?;
+    let log = log_dir.path().join("access.log");
+    let settings = |format: &str| {
+        gateway_yaml(port, &["*"]).replace(
+            "  threads: 1\n",
+            &format!("  threads: 1\n  accessLog: {{path: {}, format: '{format}'}}\n", log.display()),
+        ) + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: d}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - directResponse: {status: 204}\n"
+    };
+    // A misspelt field is a validation error, not an empty column.
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, settings("%METHOD% %STATSU%"))?;
+    let output = validate(&[&bad])?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("unknown field `%STATSU%`"), "{stdout}");
+
+    let _gw = TestGateway::start(
+        &settings("%METHOD% %PATH% %STATUS% %RESPONSE_FLAGS% %UPSTREAM_ADDRESS%"),
+        &[port],
+    )?;
+    assert_eq!(get(port, "f.test", "/fmt").await?.status, 204);
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 1 {
+            assert_eq!(text.lines().next(), Some("GET /fmt 204 - -"));
+            break;
+        }
+        anyhow::ensure!(started.elapsed().as_secs() < 3, "no access log line");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

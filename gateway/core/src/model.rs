@@ -540,6 +540,34 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub health_port: Option<u16>,
     pub upgrade_socket: std::path::PathBuf,
+    pub access_log: Option<AccessLog>,
+}
+
+/// The fields an access log line can hold, by the names format strings use (`%STATUS%`).
+pub const ACCESS_LOG_FIELDS: [&str; 16] = [
+    "START_TIME",
+    "CLIENT_ADDRESS",
+    "METHOD",
+    "AUTHORITY",
+    "PATH",
+    "PROTOCOL",
+    "STATUS",
+    "RESPONSE_FLAGS",
+    "BYTES_RECEIVED",
+    "BYTES_SENT",
+    "DURATION",
+    "UPSTREAM_ADDRESS",
+    "ROUTE",
+    "DESTINATION",
+    "REQUEST_ID",
+    "TRACE_ID",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    pub path: std::path::PathBuf,
+    /// `None`: JSON lines.
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -588,6 +616,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(30),
             health_port: None,
             upgrade_socket: "/tmp/sluice-upgrade.sock".into(),
+            access_log: None,
         }
     }
 }

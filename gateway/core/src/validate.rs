@@ -235,6 +235,40 @@ impl Validator<'_> {
         if let Some(socket) = &spec.upgrade_socket {
             settings.upgrade_socket = socket.into();
         }
+        if let Some(log) = &spec.access_log {
+            if log.path.is_empty() {
+                self.error(
+                    at("spec.accessLog.path"),
+                    "`path` is required (`/dev/stdout` for the output)",
+                );
+            }
+            if let Some(format) = &log.format {
+                // Every `%NAME%` must be a known field, so a typo is an error, not an empty column.
+                let mut rest = format.as_str();
+                while let Some(start) = rest.find('%') {
+                    let after = &rest[start + 1..];
+                    let Some(end) = after.find('%') else {
+                        self.error(at("spec.accessLog.format"), "a `%` has no closing `%`");
+                        break;
+                    };
+                    let name = &after[..end];
+                    if !ACCESS_LOG_FIELDS.contains(&name) {
+                        self.error(
+                            at("spec.accessLog.format"),
+                            format!(
+                                "unknown field `%{name}%` (fields: {})",
+                                ACCESS_LOG_FIELDS.join(", ")
+                            ),
+                        );
+                    }
+                    rest = &after[end + 1..];
+                }
+            }
+            settings.access_log = Some(AccessLog {
+                path: log.path.clone().into(),
+                format: log.format.clone(),
+            });
+        }
         settings
     }
 

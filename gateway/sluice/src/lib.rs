@@ -9,6 +9,7 @@
 //!   admin (health, status, metrics) · lifecycle (drain, upgrade) · dns (refresh)
 //! ```
 
+pub mod access_log;
 pub mod admin;
 pub mod boxed_io;
 pub mod cli;

@@ -67,6 +67,7 @@ pub struct Metrics {
     tcp_closed: IntCounterVec,
     tcp_sent: IntCounterVec,
     tcp_received: IntCounterVec,
+    pub access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -138,8 +139,13 @@ impl Metrics {
             "istio_tcp_received_bytes_total",
             "Bytes received from clients over TCP.",
         )?;
+        let access_log_dropped = IntCounter::new(
+            "sluice_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up.",
+        )?;
         for collector in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(access_log_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(request_bytes.clone()),
             Box::new(response_bytes.clone()),
@@ -163,6 +169,7 @@ impl Metrics {
             tcp_closed,
             tcp_sent,
             tcp_received,
+            access_log_dropped,
         })
     }
     /// Records a reload attempt. The initial load counts as a successful reload of generation 1.
@@ -207,7 +214,7 @@ pub enum ResponseFlag {
 }
 
 impl ResponseFlag {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ResponseFlag::None => "-",
             ResponseFlag::NoRoute => "NR",

@@ -47,6 +47,8 @@ pub struct RequestCtx {
     mutual_tls: bool,
     /// `x-request-id`, as received or generated; echoed to the client.
     request_id: Option<HeaderValue>,
+    /// The endpoint the request was sent to.
+    upstream: Option<std::net::SocketAddr>,
 }
 
 impl RequestCtx {
@@ -456,6 +458,7 @@ impl ProxyHttp for GatewayProxy {
             // backends expect.
             peer.options.alpn = ALPN::H2;
         }
+        ctx.upstream = Some(addr);
         Ok(Box::new(peer))
     }
 
@@ -592,6 +595,36 @@ impl ProxyHttp for GatewayProxy {
             request_bytes,
             response_bytes,
         );
+        if let Some(logger) = self.live.access_log.get() {
+            let request = session.req_header();
+            let authority = request_info(request, self.port, self.scheme()).authority;
+            let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
+            // W3C `traceparent` is `00-<trace id>-<span id>-<flags>`; B3 carries it alone.
+            let trace_id = header("traceparent")
+                .and_then(|t| t.split('-').nth(1))
+                .or_else(|| header("x-b3-traceid"));
+            logger.log(&crate::access_log::Entry {
+                client_address: client_ip(session).map(|ip| ip.to_string()),
+                method: request.method.as_str(),
+                authority,
+                path: request.uri.path_and_query().map_or("", |p| p.as_str()),
+                protocol: if session.is_http2() {
+                    "HTTP/2"
+                } else {
+                    "HTTP/1.1"
+                },
+                status: code,
+                response_flags: flag.as_str(),
+                bytes_received: request_bytes,
+                bytes_sent: response_bytes,
+                duration_ms: millis,
+                upstream_address: ctx.upstream.map(|a| a.to_string()),
+                route: ctx.route.as_ref().map(|r| r.def.label.as_str()),
+                destination: ctx.target().map(|t| t.service.to_string()),
+                request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                trace_id,
+            });
+        }
     }
 
     async fn fail_to_proxy(

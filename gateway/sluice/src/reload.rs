@@ -72,7 +72,8 @@ impl StartupShape {
             ));
         }
         let (old, new) = (&self.settings, &next.settings);
-        let fields: [(&str, bool); 6] = [
+        let fields: [(&str, bool); 7] = [
+            ("accessLog", old.access_log != new.access_log),
             ("bindAddress", old.bind_address != new.bind_address),
             ("admin.address", old.admin_address != new.admin_address),
             ("healthPort", old.health_port != new.health_port),

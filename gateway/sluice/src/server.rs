@@ -96,6 +96,12 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         info!("listening on {address} ({:?})", listener.spec.family);
         server.add_service(service);
     }
+    if let Some(settings) = &settings.access_log {
+        let (logger, writer) =
+            crate::access_log::AccessLogger::new(settings, live.metrics.access_log_dropped.clone());
+        let _ = live.access_log.set(logger);
+        server.add_service(background_service("access log", writer));
+    }
     let reloader = Arc::new(Reloader::new(
         startup.paths.clone(),
         live.clone(),

@@ -76,6 +76,8 @@ pub struct Live {
     pub dns: DnsCache,
     pub metrics: Metrics,
     pub status: Mutex<ReloadStatus>,
+    /// Set at start when `accessLog` is configured.
+    pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLogger>>,
     /// Listeners are bound and serving (Pingora reached its running phase).
     serving: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so the balancer moves away.
@@ -97,6 +99,7 @@ impl Live {
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(Generation::new(1, snapshot, tls, &metrics)),
             dns: DnsCache::default(),
+            access_log: std::sync::OnceLock::new(),
             metrics,
             status: Mutex::new(ReloadStatus {
                 generation: 1,

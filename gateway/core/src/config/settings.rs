@@ -48,6 +48,19 @@ pub struct GatewaySettingsSpec {
     /// upgrade (`sluice run --upgrade`). Default `/tmp/sluice-upgrade.sock`.
     #[serde(default)]
     pub upgrade_socket: Option<String>,
+    /// One line per request. Off unless set (as Istio's `accessLogFile`).
+    #[serde(default)]
+    pub access_log: Option<AccessLogSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessLogSettings {
+    /// File to append to; `/dev/stdout` for the process's output.
+    pub path: String,
+    /// `%FIELD%` placeholders (see the README); default: one JSON object per line.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
