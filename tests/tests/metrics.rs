@@ -314,3 +314,128 @@ async fn access_log_format_strings_fill_fields_and_typos_are_errors() -> anyhow:
     }
     Ok(())
 }
+
+/// Runs a query against Prometheus's HTTP API and returns the result vector.
+async fn query(prometheus: u16, promql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let body: serde_json::Value = client()
+        .get(format!("http://127.0.0.1:{prometheus}/api/v1/query"))
+        .query(&[("query", promql)])
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn sample_value(result: &serde_json::Value) -> f64 {
+    result["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
+    let port = free_port();
+    let closed = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
+    yaml += &service_entry_yaml(
+        "dead",
+        "dead.svc",
+        &[(SocketAddr::from(([127, 0, 0, 1], closed)), "")],
+    );
+    yaml += "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: p}\nspec:\n  hosts: [p.test]\n  gateways: [gw]\n  http:\n\
+             \x20 - match: [{uri: {prefix: /bad}}]\n    route: [{destination: {host: dead.svc}}]\n\
+             \x20 - route:\n    - {destination: {host: reviews, subset: v1}, weight: 50}\n    - {destination: {host: reviews, subset: v2}, weight: 50}\n";
+    let gw = TestGateway::start(&yaml, &[port])?;
+
+    let prometheus_port = free_port();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n- job_name: sluice\n  static_configs: [{{targets: ['127.0.0.1:{}']}}]\n",
+            gw.admin_port
+        ),
+    )?;
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot run prometheus ({e}); scripts/setup installs it"))?;
+    wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], prometheus_port)),
+        std::time::Duration::from_secs(20),
+    )?;
+
+    // Known traffic for 6 s: four good requests (split over v1 and v2) to one failing.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let (mut good, mut bad) = (0, 0);
+    while std::time::Instant::now() < until {
+        for _ in 0..4 {
+            assert_eq!(get(port, "p.test", "/").await?.status, 200);
+            good += 1;
+        }
+        assert_eq!(get(port, "p.test", "/bad").await?.status, 503);
+        bad += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Let at least two scrapes see the final counts.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+
+    let success = query(
+        prometheus_port,
+        "sum(rate(istio_requests_total{response_code!~\"5.*\"}[1m])) / sum(rate(istio_requests_total[1m]))",
+    )
+    .await?;
+    let rate = success.first().map(sample_value).unwrap_or(f64::NAN);
+    let expected = good as f64 / (good + bad) as f64;
+    assert!(
+        (rate - expected).abs() < 0.05,
+        "success rate {rate}, expected about {expected} ({good} good, {bad} bad)"
+    );
+
+    let p99 = query(
+        prometheus_port,
+        "histogram_quantile(0.99, sum by (le, destination_version) (rate(istio_request_duration_milliseconds_bucket{response_code=\"200\"}[1m])))",
+    )
+    .await?;
+    let mut versions: Vec<(String, f64)> = p99
+        .iter()
+        .map(|r| {
+            (
+                r["metric"]["destination_version"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                sample_value(r),
+            )
+        })
+        .collect();
+    versions.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        versions.iter().map(|v| v.0.as_str()).collect::<Vec<_>>(),
+        ["v1", "v2"],
+        "{p99:?}"
+    );
+    // Loopback upstreams answer in well under 100 ms; the quantile lands inside Istio's buckets.
+    assert!(
+        versions.iter().all(|(_, ms)| *ms > 0.0 && *ms <= 100.0),
+        "{versions:?}"
+    );
+    let _ = prometheus.kill().await;
+    Ok(())
+}
