@@ -439,3 +439,74 @@ async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
     let _ = prometheus.kill().await;
     Ok(())
 }
+
+/// The certificate's not-after time, as Unix seconds, read independently of Sluice.
+fn not_after(pem: &std::path::Path) -> anyhow::Result<f64> {
+    let text = std::fs::read(pem)?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&text)?;
+    let cert = pem.parse_x509()?;
+    Ok(cert.validity().not_after.timestamp() as f64)
+}
+
+async fn scrape(gw: &TestGateway) -> anyhow::Result<Vec<(String, BTreeMap<String, String>, f64)>> {
+    let text = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(samples(&text))
+}
+
+#[tokio::test]
+async fn certificate_expiry_is_exported_per_host_and_follows_reloads() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    pki.ca("ca")?;
+    let (a_crt, a_key) = pki.leaf("a", "ca", &["DNS:a.test"], KeyType::Ecdsa, false)?;
+    let (b_crt, b_key) = pki.leaf("b", "ca", &["DNS:*.b.test"], KeyType::Rsa, false)?;
+    let port = free_port();
+    let server = |hosts: &str, crt: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "  - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [{hosts}]\n    \
+             tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}\n",
+            crt.display(),
+            key.display()
+        )
+    };
+    let config = |servers: &str| {
+        format!(
+            "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n{servers}",
+            settings_yaml("")
+        )
+    };
+    let both = server("a.test, a2.test", &a_crt, &a_key) + &server("\"*.b.test\"", &b_crt, &b_key);
+    let gw = TestGateway::start(&config(&both), &[port])?;
+    let metric = "sluice_certificate_not_after_seconds";
+    let port_label = port.to_string();
+    let all = scrape(&gw).await?;
+    for (host, crt) in [
+        ("a.test", &a_crt),
+        ("a2.test", &a_crt),
+        ("*.b.test", &b_crt),
+    ] {
+        assert_eq!(
+            value(&all, metric, &[("host", host), ("port", &port_label)]),
+            Some(not_after(crt)?),
+            "{host}"
+        );
+    }
+
+    // A host removed from the config stops being reported.
+    gw.write_config(&config(&server("a.test", &a_crt, &a_key)))?;
+    gw.wait_for_status(std::time::Duration::from_secs(5), |s| s["generation"] == 2)
+        .await?;
+    let all = scrape(&gw).await?;
+    assert_eq!(
+        value(&all, metric, &[("host", "a.test")]),
+        Some(not_after(&a_crt)?)
+    );
+    assert_eq!(value(&all, metric, &[("host", "*.b.test")]), None);
+    assert_eq!(value(&all, metric, &[("host", "a2.test")]), None);
+    Ok(())
+}

@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use sluice_core::model::ServiceKey;
+
+use crate::tls::CertificateExpiry;
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS: [f64; 19] = [
@@ -68,6 +70,7 @@ pub struct Metrics {
     tcp_sent: IntCounterVec,
     tcp_received: IntCounterVec,
     pub access_log_dropped: IntCounter,
+    certificate_not_after: IntGaugeVec,
 }
 
 impl Metrics {
@@ -143,8 +146,16 @@ impl Metrics {
             "sluice_access_log_dropped_total",
             "Access log lines dropped because the writer could not keep up.",
         )?;
+        let certificate_not_after = IntGaugeVec::new(
+            Opts::new(
+                "sluice_certificate_not_after_seconds",
+                "Expiry (Unix time) of the certificate served for each Gateway host and port.",
+            ),
+            &["host", "port"],
+        )?;
         for collector in [
             Box::new(access_log_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(certificate_not_after.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(request_bytes.clone()),
@@ -170,7 +181,19 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             access_log_dropped,
+            certificate_not_after,
         })
+    }
+
+    /// Replaces the certificate expiry series with those of the generation now serving, so hosts
+    /// removed from the config stop being reported.
+    pub fn record_certificates(&self, certificates: &[CertificateExpiry]) {
+        self.certificate_not_after.reset();
+        for cert in certificates {
+            self.certificate_not_after
+                .with_label_values(&[cert.host.as_str(), &cert.port.to_string()])
+                .set(cert.not_after);
+        }
     }
     /// Records a reload attempt. The initial load counts as a successful reload of generation 1.
     pub fn record_reload(&self, success: bool, generation: u64) {

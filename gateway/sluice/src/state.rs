@@ -96,6 +96,7 @@ impl Live {
     ) -> prometheus::Result<Arc<Self>> {
         let metrics = Metrics::new()?;
         metrics.record_reload(true, 1);
+        metrics.record_certificates(&tls.certificate_expiry);
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(Generation::new(1, snapshot, tls, &metrics)),
             dns: DnsCache::default(),
@@ -122,6 +123,7 @@ impl Live {
     /// Applies a new snapshot as the next generation and returns its number.
     pub fn apply(&self, snapshot: Snapshot, tls: TlsListeners) -> u64 {
         let number = self.current.load().number + 1;
+        self.metrics.record_certificates(&tls.certificate_expiry);
         self.current.store(Arc::new(Generation::new(
             number,
             snapshot,

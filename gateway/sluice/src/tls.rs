@@ -34,6 +34,15 @@ pub struct TlsListeners {
     by_port: HashMap<u16, Vec<Arc<Acceptor>>>,
     refuse: Arc<Acceptor>,
     upstream: Vec<Option<Arc<Origination>>>,
+    /// `(host, port, not-after as Unix seconds)` of each terminating server's leaf certificate.
+    pub certificate_expiry: Vec<CertificateExpiry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateExpiry {
+    pub host: String,
+    pub port: u16,
+    pub not_after: i64,
 }
 
 /// `DestinationRule.trafficPolicy.tls`, loaded: what the connector needs for one cluster.
@@ -61,11 +70,19 @@ impl TlsListeners {
         let certs_dir = &snapshot.settings.certs_dir;
         let mut by_port = HashMap::new();
         let mut errors = Vec::new();
+        let mut certificate_expiry = Vec::new();
         for listener in snapshot.listeners() {
             let mut acceptors = Vec::new();
             for server in &listener.tls.servers {
                 match server_config(&server.tls, certs_dir) {
-                    Ok(config) => {
+                    Ok((config, not_after)) => {
+                        certificate_expiry.extend(server.hosts.iter().map(|host| {
+                            CertificateExpiry {
+                                host: host.clone(),
+                                port: listener.spec.port,
+                                not_after,
+                            }
+                        }));
                         acceptors.push(Arc::new(Acceptor::from_server_config(Arc::new(config))))
                     }
                     Err(e) => errors.push(format!("{}: {}: {e}", server.tls.written, server.label)),
@@ -99,6 +116,7 @@ impl TlsListeners {
             by_port,
             refuse: Arc::new(Acceptor::from_server_config(Arc::new(refusing_config()))),
             upstream,
+            certificate_expiry,
         })
     }
 
@@ -135,7 +153,7 @@ fn origination(tls: &UpstreamTls, host: &str) -> Result<Origination, String> {
     let client = match &tls.client_certificate {
         Some((cert, key)) => {
             let path = key;
-            let (certified, key) = load_key_pair(cert, key)?;
+            let (certified, key, _) = load_key_pair(cert, key)?;
             let key_der = key.secret_der().to_vec();
             // Pingora's connector turns these bytes back into a key with this same conversion and
             // unwraps it per connection: check it here, where a failure is a config error.
@@ -220,16 +238,12 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
 }
 
 /// Reads a certificate chain and its key, and checks that they belong together and that the leaf
-/// is valid now.
-pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
-    load_key_pair(cert_path, key_path).map(|(certified, _)| certified)
-}
-
-/// [`load_certified_key`], also returning the key's DER (which the upstream connector needs).
+/// is valid now. Returns the key's DER too (the upstream connector needs it) and the leaf's
+/// not-after time as Unix seconds.
 fn load_key_pair(
     cert_path: &Path,
     key_path: &Path,
-) -> Result<(CertifiedKey, PrivateKeyDer<'static>), String> {
+) -> Result<(CertifiedKey, PrivateKeyDer<'static>, i64), String> {
     let chain = read_certificates(cert_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| format!("cannot read private key {}: {e}", key_path.display()))?;
@@ -243,13 +257,15 @@ fn load_key_pair(
             key_path.display()
         )
     })?;
-    if let Some(leaf) = certified.cert.first() {
-        check_validity(leaf, cert_path)?;
-    }
-    Ok((certified, key))
+    let not_after = match certified.cert.first() {
+        Some(leaf) => check_validity(leaf, cert_path)?,
+        None => return Err(format!("{} holds no certificate", cert_path.display())),
+    };
+    Ok((certified, key, not_after))
 }
 
-fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), String> {
+/// Checks the leaf is valid now; returns its not-after time as Unix seconds.
+fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<i64, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|e| format!("{} is not a valid X.509 certificate: {e}", path.display()))?;
     let validity = cert.validity();
@@ -268,7 +284,7 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<(), String> 
             validity.not_before
         ));
     }
-    Ok(())
+    Ok(validity.not_after.timestamp())
 }
 
 /// The crypto provider with the TLS 1.2 suites a server allows (TLS 1.3 suites are fixed).
@@ -319,13 +335,14 @@ impl ResolvesServerCert for NoCertificate {
     }
 }
 
-fn server_config(tls: &ServerTls, certs_dir: &Path) -> Result<ServerConfig, String> {
+/// The rustls configuration of one terminating server, and its certificate's not-after time.
+fn server_config(tls: &ServerTls, certs_dir: &Path) -> Result<(ServerConfig, i64), String> {
     let credential = tls
         .credential
         .as_ref()
         .ok_or_else(|| "a terminating server has no credential".to_string())?;
     let (cert_path, key_path) = credential_paths(credential, certs_dir);
-    let certified = load_certified_key(&cert_path, &key_path)?;
+    let (certified, _, not_after) = load_key_pair(&cert_path, &key_path)?;
     let provider = Arc::new(provider_for(&tls.cipher_suites));
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = [
         (TlsVersion::Tls12, &rustls::version::TLS12),
@@ -363,7 +380,7 @@ fn server_config(tls: &ServerTls, certs_dir: &Path) -> Result<ServerConfig, Stri
     };
     let mut config = builder.with_cert_resolver(Arc::new(OneCertificate(Arc::new(certified))));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, not_after))
 }
 
 fn refusing_config() -> ServerConfig {

@@ -65,6 +65,8 @@ pub struct TlsTable {
 pub struct TlsServer {
     /// `namespace/gateway servers[i]`, for logs.
     pub label: String,
+    /// The server's `hosts`, as written (for per-host certificate metrics).
+    pub hosts: Vec<String>,
     pub tls: ServerTls,
 }
 
@@ -407,6 +409,7 @@ impl Compiler {
             let next = listener.tls.servers.len();
             listener.tls.servers.push(TlsServer {
                 label: format!("{} servers[{index}]", gateway.id),
+                hosts: server.hosts.iter().map(|h| h.host.to_string()).collect(),
                 tls: tls.clone(),
             });
             for host in &server.hosts {
