@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sluice_tests::*;
 
@@ -440,8 +442,26 @@ async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A terminating Gateway server for `hosts` with the given certificate files.
+fn https_server(port: u16, hosts: &str, crt: &Path, key: &Path) -> String {
+    format!(
+        "  - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [{hosts}]\n    \
+         tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}\n",
+        crt.display(),
+        key.display()
+    )
+}
+
+/// A gateway with `servers` (and no routes: these tests only look at connections).
+fn https_gateway(servers: &str) -> String {
+    format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n{servers}",
+        settings_yaml("")
+    )
+}
+
 /// The certificate's not-after time, as Unix seconds, read independently of Sluice.
-fn not_after(pem: &std::path::Path) -> anyhow::Result<f64> {
+fn not_after(pem: &Path) -> anyhow::Result<f64> {
     let text = std::fs::read(pem)?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(&text)?;
     let cert = pem.parse_x509()?;
@@ -466,20 +486,8 @@ async fn certificate_expiry_is_exported_per_host_and_follows_reloads() -> anyhow
     let (a_crt, a_key) = pki.leaf("a", "ca", &["DNS:a.test"], KeyType::Ecdsa, false)?;
     let (b_crt, b_key) = pki.leaf("b", "ca", &["DNS:*.b.test"], KeyType::Rsa, false)?;
     let port = free_port();
-    let server = |hosts: &str, crt: &std::path::Path, key: &std::path::Path| {
-        format!(
-            "  - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [{hosts}]\n    \
-             tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}\n",
-            crt.display(),
-            key.display()
-        )
-    };
-    let config = |servers: &str| {
-        format!(
-            "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n{servers}",
-            settings_yaml("")
-        )
-    };
+    let server = |hosts: &str, crt: &Path, key: &Path| https_server(port, hosts, crt, key);
+    let config = https_gateway;
     let both = server("a.test, a2.test", &a_crt, &a_key) + &server("\"*.b.test\"", &b_crt, &b_key);
     let gw = TestGateway::start(&config(&both), &[port])?;
     let metric = "sluice_certificate_not_after_seconds";
@@ -509,4 +517,113 @@ async fn certificate_expiry_is_exported_per_host_and_follows_reloads() -> anyhow
     assert_eq!(value(&all, metric, &[("host", "*.b.test")]), None);
     assert_eq!(value(&all, metric, &[("host", "a2.test")]), None);
     Ok(())
+}
+
+/// Waits until the metrics satisfy `done` (metrics of a closing connection land asynchronously).
+async fn scrape_until(
+    gw: &TestGateway,
+    done: impl Fn(&[(String, BTreeMap<String, String>, f64)]) -> bool,
+) -> anyhow::Result<Vec<(String, BTreeMap<String, String>, f64)>> {
+    let started = Instant::now();
+    loop {
+        let all = scrape(gw).await?;
+        if done(&all) || started.elapsed() > Duration::from_secs(3) {
+            return Ok(all);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_handshakes_failures_and_open_connections_are_counted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let ca = pki.ca("ca")?;
+    let stranger_ca = pki.ca("stranger")?;
+    let (crt, key) = pki.leaf("a", "ca", &["DNS:a.test"], KeyType::Ecdsa, false)?;
+    let port = free_port();
+    let gw = TestGateway::start(
+        &https_gateway(&https_server(port, "a.test", &crt, &key)),
+        &[port],
+    )?;
+    let label = port.to_string();
+    let url = format!("https://a.test:{port}/");
+    // Each client is a new connection, so a new handshake. No route: 404 after the handshake.
+    for _ in 0..2 {
+        let trusting = tls_client(&ca, &["a.test"], port)?.build()?;
+        assert_eq!(trusting.get(&url).send().await?.status(), 404);
+    }
+    let unknown = tls_client(&ca, &["b.test"], port)?.build()?;
+    assert!(unknown
+        .get(format!("https://b.test:{port}/"))
+        .send()
+        .await
+        .is_err());
+    let distrusting = tls_client(&stranger_ca, &["a.test"], port)?.build()?;
+    assert!(distrusting.get(&url).send().await.is_err());
+    for _ in 0..3 {
+        let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await?;
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut rest).await?;
+    }
+    let failures = |reason: &'static str| [("port", label.as_str()), ("reason", reason)];
+    let all = scrape_until(&gw, |all| {
+        value(
+            all,
+            "sluice_tls_handshake_failures_total",
+            &failures("handshake_error"),
+        ) == Some(1.0)
+    })
+    .await?;
+    assert_eq!(
+        value(&all, "sluice_tls_handshakes_total", &[("port", &label)]),
+        Some(2.0)
+    );
+    for (reason, count) in [
+        ("unknown_server_name", 1.0),
+        ("handshake_error", 1.0),
+        ("malformed_client_hello", 3.0),
+        // The harness's readiness probe connects and closes.
+        ("closed_before_client_hello", 1.0),
+        ("timeout", 0.0),
+    ] {
+        assert_eq!(
+            value(
+                &all,
+                "sluice_tls_handshake_failures_total",
+                &failures(reason)
+            ),
+            Some(count),
+            "{reason}"
+        );
+    }
+
+    // Connections count as open from accept to close, handshake or not.
+    let active = |all: &[(String, BTreeMap<String, String>, f64)]| {
+        value(
+            all,
+            "sluice_downstream_connections_active",
+            &[("port", &label)],
+        )
+    };
+    let all = scrape_until(&gw, |all| active(all) == Some(0.0)).await?;
+    assert_eq!(active(&all), Some(0.0));
+    let held: Vec<_> = idle_connections(port, 3).await?;
+    let all = scrape_until(&gw, |all| active(all) == Some(3.0)).await?;
+    assert_eq!(active(&all), Some(3.0));
+    drop(held);
+    let all = scrape_until(&gw, |all| active(all) == Some(0.0)).await?;
+    assert_eq!(active(&all), Some(0.0));
+    Ok(())
+}
+
+/// `count` idle TCP connections to `port`.
+async fn idle_connections(port: u16, count: usize) -> anyhow::Result<Vec<tokio::net::TcpStream>> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        held.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    }
+    Ok(held)
 }

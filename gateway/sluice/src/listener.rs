@@ -16,9 +16,10 @@ use pingora::protocols::tls::server::handshake_with_callback;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use sluice_core::model::ListenerFamily;
-use sluice_core::snapshot::TlsDecision;
+use sluice_core::snapshot::{L4Route, TlsDecision};
 
-use crate::state::Live;
+use crate::metrics::{HandshakeFailure, ListenerSeries};
+use crate::state::{Generation, Live};
 use crate::tls::{peek_server_name, SessionCallback};
 
 /// The PROXY header, ClientHello and TLS handshake together must finish within this.
@@ -29,6 +30,17 @@ pub struct ListenerApp<A> {
     pub live: Arc<Live>,
     pub port: u16,
     pub family: ListenerFamily,
+    pub series: ListenerSeries,
+}
+
+/// What became of a connection on a TLS port once its ClientHello was read.
+enum TlsOutcome {
+    /// Sluice terminated TLS: HTTP follows.
+    Terminated(Stream),
+    /// To pass through untouched (the ClientHello was only peeked at), with the generation whose
+    /// route it is (route targets index that generation's clusters).
+    Passthrough(Stream, Arc<L4Route>, Arc<Generation>),
+    Closed,
 }
 
 impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
@@ -44,61 +56,70 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
     async fn tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
         // The TLS handshake (and what precedes it) must finish in time: a client that sends a
         // ClientHello and then nothing may not hold the connection.
-        let tls = match tokio::time::timeout(PRE_HTTP_DEADLINE, self.accept_tls(stream)).await {
-            Ok(Some(tls)) => tls,
-            Ok(None) => return,
+        match tokio::time::timeout(PRE_HTTP_DEADLINE, self.accept_tls(stream)).await {
+            Ok(TlsOutcome::Terminated(tls)) => self.serve_http(tls, shutdown).await,
+            // Forwarding is not part of the handshake deadline.
+            Ok(TlsOutcome::Passthrough(stream, route, generation)) => {
+                crate::upstream::forward(stream, &route, &generation, &self.live).await
+            }
+            Ok(TlsOutcome::Closed) => {}
             Err(_) => {
+                self.series.handshake_failed(HandshakeFailure::Timeout);
                 debug!(
                     "port {}: TLS handshake not done within {PRE_HTTP_DEADLINE:?}",
                     self.port
                 );
-                return;
             }
-        };
-        self.serve_http(tls, shutdown).await
+        }
     }
 
-    /// Reads the ClientHello and terminates, passes through (then returns `None`) or refuses.
-    async fn accept_tls(&self, mut stream: Stream) -> Option<Stream> {
+    /// Reads the ClientHello and terminates, passes through or refuses.
+    async fn accept_tls(&self, mut stream: Stream) -> TlsOutcome {
         let generation = self.live.current();
-        let listener = generation.snapshot.listener(self.port)?;
+        let Some(listener) = generation.snapshot.listener(self.port) else {
+            return TlsOutcome::Closed;
+        };
         let server_name = match peek_server_name(stream.as_mut()).await {
             Ok(name) => name,
-            Err(reason) => {
+            Err((failure, reason)) => {
+                self.series.handshake_failed(failure);
                 debug!("port {}: {reason}", self.port);
-                return None;
+                return TlsOutcome::Closed;
             }
         };
+        // Refused names still get a handshake, so the client sees an alert rather than a reset.
+        let mut failure = HandshakeFailure::Handshake;
         let (acceptor, server) = match listener.tls.decide(server_name.as_deref()) {
             TlsDecision::Passthrough(route) => {
-                let route = route.clone();
-                let (generation, live) = (generation.clone(), self.live.clone());
-                // Forwarding is not part of the handshake deadline.
-                tokio::spawn(async move {
-                    crate::upstream::forward(stream, &route, &generation, &live).await
-                });
-                return None;
+                return TlsOutcome::Passthrough(stream, route.clone(), generation.clone());
             }
             TlsDecision::Terminate(index, server) => {
                 match generation.tls.acceptor(self.port, index) {
                     Some(acceptor) => (acceptor.clone(), server.label.as_str().into()),
                     None => {
                         debug!("port {}: no acceptor for {}", self.port, server.label);
-                        return None;
+                        return TlsOutcome::Closed;
                     }
                 }
             }
-            TlsDecision::Refuse => (generation.tls.refuse().clone(), Arc::from("")),
+            TlsDecision::Refuse => {
+                failure = HandshakeFailure::UnknownServerName;
+                (generation.tls.refuse().clone(), Arc::from(""))
+            }
         };
         let callback = SessionCallback { server };
         match handshake_with_callback(&acceptor, crate::boxed_io::Boxed(stream), &callback).await {
-            Ok(tls) => Some(Box::new(tls)),
+            Ok(tls) => {
+                self.series.handshake_done();
+                TlsOutcome::Terminated(Box::new(tls))
+            }
             Err(e) => {
+                self.series.handshake_failed(failure);
                 debug!(
                     "port {}: TLS handshake with SNI {server_name:?} failed: {e}",
                     self.port
                 );
-                None
+                TlsOutcome::Closed
             }
         }
     }
@@ -111,6 +132,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = self.series.open_connection();
         let generation = self.live.current();
         // What a port speaks is fixed when it is bound. If a reload changed it (HTTP → HTTPS, say),
         // serving the new routes over the old family could expose TLS-only routes in plaintext: the

@@ -71,6 +71,9 @@ pub struct Metrics {
     tcp_received: IntCounterVec,
     pub access_log_dropped: IntCounter,
     certificate_not_after: IntGaugeVec,
+    connections_active: IntGaugeVec,
+    tls_handshakes: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -153,9 +156,33 @@ impl Metrics {
             ),
             &["host", "port"],
         )?;
+        let connections_active = IntGaugeVec::new(
+            Opts::new(
+                "sluice_downstream_connections_active",
+                "Client connections open, by listener port.",
+            ),
+            &["port"],
+        )?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "sluice_tls_handshakes_total",
+                "TLS handshakes completed (terminated by Sluice), by listener port.",
+            ),
+            &["port"],
+        )?;
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "sluice_tls_handshake_failures_total",
+                "TLS connections closed before a handshake completed, by listener port and reason.",
+            ),
+            &["port", "reason"],
+        )?;
         for collector in [
             Box::new(access_log_dropped.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(certificate_not_after.clone()),
+            Box::new(connections_active.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(tls_handshake_failures.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(request_bytes.clone()),
@@ -182,7 +209,24 @@ impl Metrics {
             tcp_received,
             access_log_dropped,
             certificate_not_after,
+            connections_active,
+            tls_handshakes,
+            tls_handshake_failures,
         })
+    }
+
+    /// The series of one listener port, resolved once when the port is bound.
+    pub fn listener(&self, port: u16) -> ListenerSeries {
+        let port = port.to_string();
+        let failure = |reason: HandshakeFailure| {
+            self.tls_handshake_failures
+                .with_label_values(&[port.as_str(), reason.as_str()])
+        };
+        ListenerSeries {
+            active: self.connections_active.with_label_values(&[port.as_str()]),
+            handshakes: self.tls_handshakes.with_label_values(&[port.as_str()]),
+            failures: HandshakeFailure::ALL.map(failure),
+        }
     }
 
     /// Replaces the certificate expiry series with those of the generation now serving, so hosts
@@ -214,6 +258,80 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Why a TLS connection closed before its handshake completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The first bytes were not a readable TLS ClientHello (plain HTTP to a TLS port, scanners).
+    MalformedClientHello,
+    /// The client closed before sending a whole ClientHello (TCP health checks do this).
+    ClosedBeforeClientHello,
+    /// No Gateway server or passthrough route serves the requested SNI.
+    UnknownServerName,
+    /// rustls rejected the handshake: no common version or suite, a bad client certificate, a
+    /// client that aborted.
+    Handshake,
+    /// The PROXY header, ClientHello and handshake did not finish within the deadline.
+    Timeout,
+}
+
+impl HandshakeFailure {
+    const ALL: [HandshakeFailure; 5] = [
+        HandshakeFailure::MalformedClientHello,
+        HandshakeFailure::ClosedBeforeClientHello,
+        HandshakeFailure::UnknownServerName,
+        HandshakeFailure::Handshake,
+        HandshakeFailure::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::MalformedClientHello => "malformed_client_hello",
+            HandshakeFailure::ClosedBeforeClientHello => "closed_before_client_hello",
+            HandshakeFailure::UnknownServerName => "unknown_server_name",
+            HandshakeFailure::Handshake => "handshake_error",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// A listener port's connection and handshake series (all failure reasons exist from the start, so
+/// `rate()` sees zeros rather than gaps).
+#[derive(Debug, Clone)]
+pub struct ListenerSeries {
+    active: IntGauge,
+    handshakes: IntCounter,
+    failures: [IntCounter; HandshakeFailure::ALL.len()],
+}
+
+impl ListenerSeries {
+    /// Counts the connection as open until the returned guard is dropped.
+    pub fn open_connection(&self) -> ConnectionGuard {
+        self.active.inc();
+        ConnectionGuard(self.active.clone())
+    }
+
+    pub fn handshake_done(&self) {
+        self.handshakes.inc();
+    }
+
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        // `ALL` lists the reasons in declaration order, so the discriminant is the index.
+        if let Some(counter) = self.failures.get(reason as usize) {
+            counter.inc();
+        }
+    }
+}
+
+/// One open client connection in `sluice_downstream_connections_active`.
+#[derive(Debug)]
+pub struct ConnectionGuard(IntGauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -89,6 +89,7 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
             live: live.clone(),
             port,
             family,
+            series: live.metrics.listener(port),
         };
         let mut service = Service::new(format!("listener :{port}"), app);
         let address = std::net::SocketAddr::new(settings.bind_address, port);

@@ -28,6 +28,8 @@ use rustls::{RootCertStore, ServerConfig, SupportedCipherSuite};
 use sluice_core::model::{Credential, ServerTls, TlsMode, TlsVersion, UpstreamTls};
 use sluice_core::snapshot::{Snapshot, TlsServer};
 
+use crate::metrics::HandshakeFailure;
+
 /// The TLS material of one config generation: acceptors per listener port (aligned with the
 /// snapshot's `TlsTable::servers`) and, per cluster, how to originate TLS to it.
 pub struct TlsListeners {
@@ -406,13 +408,21 @@ const MAX_CLIENT_HELLO_RECORDS: usize = 8;
 
 /// Reads the ClientHello without consuming it and returns its server name (lower-case), so the
 /// connection can be terminated with the right server's settings or passed through untouched.
-pub async fn peek_server_name(stream: &mut dyn IO) -> Result<Option<String>, String> {
+pub async fn peek_server_name(
+    stream: &mut dyn IO,
+) -> Result<Option<String>, (HandshakeFailure, String)> {
     tokio::time::timeout(CLIENT_HELLO_TIMEOUT, peek_inner(stream))
         .await
-        .map_err(|_| "no ClientHello within 10 s".to_string())?
+        .map_err(|_| {
+            (
+                HandshakeFailure::Timeout,
+                "no ClientHello within 10 s".to_string(),
+            )
+        })?
 }
 
-async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
+async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, (HandshakeFailure, String)> {
+    let malformed = |message: String| (HandshakeFailure::MalformedClientHello, message);
     let mut acceptor = rustls::server::Acceptor::default();
     let mut seen = 0usize;
     // A ClientHello fits in one record or a few; refusing more keeps re-peeking bounded.
@@ -421,12 +431,14 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
         peek(stream, &mut header).await?;
         let record = &header[seen..];
         if record[0] != 0x16 {
-            return Err("not a TLS handshake (plaintext on a TLS port?)".into());
+            return Err(malformed(
+                "not a TLS handshake (plaintext on a TLS port?)".into(),
+            ));
         }
         let length = usize::from(u16::from_be_bytes([record[3], record[4]]));
         let total = seen + 5 + length;
         if total > MAX_CLIENT_HELLO {
-            return Err("ClientHello too large".into());
+            return Err(malformed("ClientHello too large".into()));
         }
         let mut bytes = vec![0u8; total];
         peek(stream, &mut bytes).await?;
@@ -435,7 +447,7 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
         while !unread.is_empty() {
             let read = acceptor
                 .read_tls(&mut unread)
-                .map_err(|e| format!("reading ClientHello: {e}"))?;
+                .map_err(|e| malformed(format!("reading ClientHello: {e}")))?;
             if read == 0 {
                 break;
             }
@@ -448,17 +460,24 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, String> {
                     .map(str::to_ascii_lowercase))
             }
             Ok(None) => seen = total,
-            Err((e, _)) => return Err(format!("invalid ClientHello: {e}")),
+            Err((e, _)) => return Err(malformed(format!("invalid ClientHello: {e}"))),
         }
     }
-    Err("ClientHello spread over too many records".into())
+    Err(malformed("ClientHello spread over too many records".into()))
 }
 
-async fn peek(stream: &mut dyn IO, buf: &mut [u8]) -> Result<(), String> {
+async fn peek(stream: &mut dyn IO, buf: &mut [u8]) -> Result<(), (HandshakeFailure, String)> {
     match stream.try_peek(buf).await {
         Ok(true) => Ok(()),
-        Ok(false) => Err("this stream cannot be peeked".into()),
-        Err(e) => Err(format!("connection closed during ClientHello: {e}")),
+        Ok(false) => Err((
+            HandshakeFailure::MalformedClientHello,
+            "this stream cannot be peeked".into(),
+        )),
+        // Also what an L4 balancer's TCP health check looks like: connect, then close.
+        Err(e) => Err((
+            HandshakeFailure::ClosedBeforeClientHello,
+            format!("connection closed during ClientHello: {e}"),
+        )),
     }
 }
 
