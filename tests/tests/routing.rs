@@ -602,12 +602,36 @@ async fn request_ids_and_trace_headers_travel_with_the_request() -> anyhow::Resu
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &backends(&["app"]).await?;
+    let closed = free_port();
+    yaml += &service_entry_yaml(
+        "dead",
+        "dead.svc",
+        &[(std::net::SocketAddr::from(([127, 0, 0, 1], closed)), "")],
+    );
     yaml += &virtual_service(
         "ids",
-        &["*"],
-        "  - route: [{destination: {host: app.svc}}]\n",
+        &["ids.test"],
+        "  - match: [{uri: {prefix: /refused}}]\n    route: [{destination: {host: dead.svc}}]\n\
+         \x20 - route: [{destination: {host: app.svc}}]\n",
     );
     let _gw = TestGateway::start(&yaml, &[port])?;
+    // Sluice's own answers carry the id too: no route (404) and an upstream that refuses (503).
+    for (host, path, status) in [("nothing.test", "/", 404), ("ids.test", "/refused", 503)] {
+        let r = get(port, host, path).await?;
+        assert_eq!(r.status, status, "{path}");
+        assert_eq!(
+            r.headers["x-request-id"].len(),
+            36,
+            "{path}: {:?}",
+            r.headers
+        );
+        let request = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", host)
+            .header("x-request-id", "mine-7");
+        let r = send(request).await?;
+        assert_eq!(r.headers["x-request-id"], "mine-7", "{path}");
+    }
     // Generated when absent: a version 4 UUID, the same upstream and back to the client.
     let r = get(port, "ids.test", "/").await?;
     let id = r.request_header("x-request-id").unwrap_or("").to_string();

@@ -92,6 +92,9 @@ async fn respond(
     if let Some((name, value)) = extra {
         resp.insert_header(name, value)?;
     }
+    if let Some(id) = session.req_header().headers.get("x-request-id").cloned() {
+        resp.insert_header("x-request-id", id)?;
+    }
     if let Some(rules) = rules {
         apply_ops(&mut resp, rules)?;
     }
@@ -104,6 +107,26 @@ async fn respond(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Answers a failed request as Pingora's error responses do (closing the connection: what was
+/// read of the request is unknown), with a short reason and the request's `x-request-id`.
+async fn respond_error(
+    session: &mut Session,
+    code: u16,
+    reason: &'static str,
+    ctx: &RequestCtx,
+) -> Result<()> {
+    let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
+    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.set_content_length(reason.len())?;
+    if let Some(id) = &ctx.request_id {
+        resp.insert_header("x-request-id", id.clone())?;
+    }
+    session
+        .as_downstream_mut()
+        .write_error_response(resp, Bytes::from_static(reason.as_bytes()))
+        .await
 }
 
 /// While draining, HTTP/1.1 responses say `Connection: close` so clients move to new connections
@@ -332,6 +355,7 @@ impl ProxyHttp for GatewayProxy {
         ctx.started = Some(std::time::Instant::now());
         let generation = self.live.current();
         normalize_request_path(session.req_header_mut())?;
+        ctx.request_id = ensure_request_id(session.req_header_mut())?;
         let tls_session = match self.check_tls_session(session, &generation) {
             Ok(tls_session) => tls_session,
             Err(reason) => {
@@ -349,7 +373,6 @@ impl ProxyHttp for GatewayProxy {
             }
         };
         ctx.mutual_tls = tls_session.as_ref().is_some_and(|s| s.identity.is_some());
-        ctx.request_id = ensure_request_id(session.req_header_mut())?;
         self.set_client_certificate_header(session, tls_session.as_ref())?;
         let info = request_info(session.req_header(), self.port, self.scheme());
         let lookup = generation.snapshot.route(&info);
@@ -668,10 +691,7 @@ impl ProxyHttp for GatewayProxy {
             },
         };
         if code > 0 {
-            if let Err(write_error) = session
-                .respond_error_with_body(code, Bytes::from_static(reason.as_bytes()))
-                .await
-            {
+            if let Err(write_error) = respond_error(session, code, reason, ctx).await {
                 log::debug!("could not send error response: {write_error}");
             }
         }
