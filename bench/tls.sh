@@ -13,50 +13,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 
-need=()
-for pkg in nginx-light nghttp2-client openssl; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
-if ((${#need[@]})); then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-scripts/setup
-cargo build --release -q -p sluice
-
-work=$(mktemp -d)
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  for prefix in nginx upstream; do nginx -p "$work/$prefix" -c nginx.conf -s stop 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-if (( $(nproc) >= 2 )); then load="taskset -c 0"; serve="taskset -c 1"; else load=""; serve=""; fi
+source bench/lib.sh
 
 upstream=18401 nginx_tls=18402 sluice_tls=18403 admin=18404
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.test \
   -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
 
-# The upstream is its own nginx process (a fixed 2-byte answer), shared by both proxies: if the nginx
-# under test also served the upstream, it would skip the cross-process hop Sluice pays.
-mkdir -p "$work/upstream/logs" "$work/nginx/logs"
-cat > "$work/upstream/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/upstream/nginx.pid;
-error_log $work/upstream/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$upstream; keepalive_requests 1000000; location / { return 200 "ok"; } }
-}
-EOF
+start_upstream $upstream
 # The nginx under test: TLS with the same certificate, a keep-alive pool to the upstream.
-cat > "$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
+start_nginx nginx "  access_log off;
   upstream app { server 127.0.0.1:$upstream; keepalive 64; }
   server {
     listen 127.0.0.1:$nginx_tls ssl http2;
@@ -64,12 +29,8 @@ http {
     ssl_certificate_key $work/bench.key;
     ssl_protocols TLSv1.2 TLSv1.3;
     keepalive_requests 1000000;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-EOF
-$serve nginx -p "$work/upstream" -c nginx.conf
-$serve nginx -p "$work/nginx" -c nginx.conf
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+  }"
 
 cat > "$work/sluice.yaml" <<EOF
 apiVersion: sluice.dev/v1alpha1
@@ -104,16 +65,11 @@ spec:
   http:
   - route: [{destination: {host: app.bench}}]
 EOF
-RUST_LOG=warn $serve target/release/sluice run --config "$work/sluice.yaml" 2>"$work/sluice.log" &
-for _ in $(seq 100); do curl -sk -o /dev/null "https://127.0.0.1:$sluice_tls/" && break; sleep 0.1; done
+start_sluice sluice "$work/sluice.yaml" "https://127.0.0.1:$sluice_tls/"
 
 handshakes() { # connections per second over 5 s, a full handshake each
   $load openssl s_time -connect "127.0.0.1:$1" -new -time 5 2>/dev/null \
     | awk '/connections in .* real seconds/ { n=$1; for (i=1;i<=NF;i++) if ($i=="in") t=$(i+1); printf "%.0f", n/t; exit }'
-}
-requests() { # requests per second: 16 keep-alive connections, 10 s; $2 = --h1 or empty (h2)
-  $load h2load $2 -D 10 -c 16 -m 1 "https://127.0.0.1:$1/" 2>/dev/null \
-    | awk '/^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") print $(i-1) }' | head -1
 }
 
 declare -A results
@@ -121,19 +77,17 @@ for round in $(seq "$rounds"); do
   for proxy in nginx sluice; do
     port=$nginx_tls; [[ $proxy == sluice ]] && port=$sluice_tls
     results[$proxy,hs]+="$(handshakes $port) "
-    results[$proxy,h1]+="$(requests $port --h1) "
-    results[$proxy,h2]+="$(requests $port '') "
+    results[$proxy,h1]+="$(requests "https://127.0.0.1:$port/" --h1) "
+    results[$proxy,h2]+="$(requests "https://127.0.0.1:$port/") "
   done
   echo "round $round/$rounds done" >&2
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END { if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 printf '\n%-34s %12s %12s %8s\n' "metric (median of $rounds)" nginx sluice ratio
 for metric in hs h1 h2; do
   case $metric in hs) label="TLS handshakes/s (new connection)";; h1) label="HTTPS req/s, HTTP/1.1 keep-alive";; h2) label="HTTPS req/s, HTTP/2";; esac
   n=$(echo "${results[nginx,$metric]}" | median); s=$(echo "${results[sluice,$metric]}" | median)
-  ratio=$(awk -v s="$s" -v n="$n" 'BEGIN { if (n>0) printf "%.2f", s/n; else print "n/a" }')
-  printf '%-34s %12.0f %12.0f %8s\n' "$label" "$n" "$s" "$ratio"
+  printf '%-34s %12.0f %12.0f %8s\n' "$label" "$n" "$s" "$(ratio "$s" "$n")"
 done
 echo
 echo "machine: $(nproc) cores, $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'); pinned: ${load:-no}"

@@ -1,0 +1,63 @@
+# Shared by the bench scripts: installs the peers, builds Sluice (release), makes a work directory
+# removed on exit, pins load and servers to different cores, and starts the upstream every proxy
+# under test shares. Source it from a script that has `set -euo pipefail` and is in the repo root.
+
+need=()
+for pkg in nginx-light nghttp2-client openssl curl; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+if ((${#need[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+scripts/setup
+cargo build --release -q -p sluice
+
+work=$(mktemp -d)
+nginx_prefixes=()
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  for prefix in "${nginx_prefixes[@]}"; do nginx -p "$work/$prefix" -c nginx.conf -s stop 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# With two or more cores the load generator gets core 0 and everything it measures core 1.
+if (( $(nproc) >= 2 )); then load="taskset -c 0"; serve="taskset -c 1"; else load=""; serve=""; fi
+
+# start_nginx NAME HTTP-BLOCK: an nginx with one worker under $work/NAME.
+start_nginx() {
+  mkdir -p "$work/$1/logs"
+  cat > "$work/$1/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/$1/nginx.pid;
+error_log $work/$1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+$2
+}
+EOF
+  $serve nginx -p "$work/$1" -c nginx.conf
+  nginx_prefixes+=("$1")
+}
+
+# start_upstream PORT: a fixed 2-byte answer, in its own process so every proxy under test pays the
+# same cross-process hop.
+start_upstream() {
+  start_nginx upstream "  access_log off;
+  server { listen 127.0.0.1:$1; keepalive_requests 1000000; location / { return 200 \"ok\"; } }"
+}
+
+# start_sluice NAME CONFIG-FILE URL: runs Sluice in the background and waits until URL answers.
+start_sluice() {
+  RUST_LOG=warn $serve target/release/sluice run --config "$2" 2>"$work/$1.log" &
+  for _ in $(seq 100); do curl -sk -o /dev/null "$3" && return 0; sleep 0.1; done
+  echo "$1 did not start:" >&2; cat "$work/$1.log" >&2; return 1
+}
+
+# requests URL [--h1]: requests per second, 16 keep-alive connections for 10 s.
+requests() {
+  $load h2load ${2:-} -D 10 -c 16 -m 1 "$1" 2>/dev/null \
+    | awk '/^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") print $(i-1) }' | head -1
+}
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END { if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b>0) printf "%.2f", a/b; else print "n/a" }'; }
