@@ -45,25 +45,8 @@ spec:
   servers:
   - port: {number: $1, name: http, protocol: HTTP}
     hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: app}
-spec:
-  hosts: [app.bench]
-  ports: [{number: 80, name: http}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1, ports: {http: $upstream}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: app}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: app.bench}}]
 EOF
+  sluice_app_routes $upstream
 }
 sluice_config $sluice_off 18424 "" > "$work/off.yaml"
 sluice_config $sluice_json 18425 "  accessLog: {path: $work/sluice-json.log}" > "$work/json.yaml"

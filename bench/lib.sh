@@ -53,6 +53,30 @@ start_sluice() {
   echo "$1 did not start:" >&2; cat "$work/$1.log" >&2; return 1
 }
 
+# sluice_app_routes UPSTREAM-PORT: config documents sending every host to the shared upstream.
+sluice_app_routes() {
+  cat <<EOF
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: app}
+spec:
+  hosts: [app.bench]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {http: $1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: app}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{destination: {host: app.bench}}]
+EOF
+}
+
 # requests URL [--h1]: requests per second, 16 keep-alive connections for 10 s.
 requests() {
   $load h2load ${2:-} -D 10 -c 16 -m 1 "$1" 2>/dev/null \

@@ -46,25 +46,8 @@ spec:
   - port: {number: $sluice_tls, name: https, protocol: HTTPS}
     hosts: ["*"]
     tls: {mode: SIMPLE, serverCertificate: $work/bench.crt, privateKey: $work/bench.key}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: app}
-spec:
-  hosts: [app.bench]
-  ports: [{number: 80, name: http}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1, ports: {http: $upstream}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: app}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{destination: {host: app.bench}}]
 EOF
+sluice_app_routes $upstream >> "$work/sluice.yaml"
 start_sluice sluice "$work/sluice.yaml" "https://127.0.0.1:$sluice_tls/"
 
 handshakes() { # connections per second over 5 s, a full handshake each

@@ -316,6 +316,11 @@ pub fn settings_yaml(extra: &str) -> String {
     )
 }
 
+/// A loopback address nothing listens on: connections to it are refused.
+pub fn refusing_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// A STATIC ServiceEntry `host` on service port 80 whose endpoints are `(address, labels)`.
 pub fn service_entry_yaml(name: &str, host: &str, endpoints: &[(SocketAddr, &str)]) -> String {
     let mut out = format!(

@@ -56,14 +56,9 @@ fn value(
 #[tokio::test]
 async fn request_metrics_use_istio_names_labels_and_buckets() -> anyhow::Result<()> {
     let port = free_port();
-    let closed = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
-    yaml += &service_entry_yaml(
-        "dead",
-        "dead.svc",
-        &[(SocketAddr::from(([127, 0, 0, 1], closed)), "version: v1")],
-    );
+    yaml += &service_entry_yaml("dead", "dead.svc", &[(refusing_address(), "version: v1")]);
     yaml += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: dead}\nspec:\n  host: dead.svc\n  subsets: [{name: none, labels: {version: v9}}]\n\
              ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: m}\nspec:\n  hosts: [m.test]\n  gateways: [gw]\n  http:\n\
              \x20 - match: [{uri: {prefix: /refused}}]\n    route: [{destination: {host: dead.svc}}]\n\
@@ -342,14 +337,9 @@ fn sample_value(result: &serde_json::Value) -> f64 {
 #[tokio::test]
 async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
     let port = free_port();
-    let closed = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
-    yaml += &service_entry_yaml(
-        "dead",
-        "dead.svc",
-        &[(SocketAddr::from(([127, 0, 0, 1], closed)), "")],
-    );
+    yaml += &service_entry_yaml("dead", "dead.svc", &[(refusing_address(), "")]);
     yaml += "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: p}\nspec:\n  hosts: [p.test]\n  gateways: [gw]\n  http:\n\
              \x20 - match: [{uri: {prefix: /bad}}]\n    route: [{destination: {host: dead.svc}}]\n\
              \x20 - route:\n    - {destination: {host: reviews, subset: v1}, weight: 50}\n    - {destination: {host: reviews, subset: v2}, weight: 50}\n";

@@ -2,7 +2,6 @@
 //! redirects, rewrites, header rules, weighted splits, DNS endpoints and error statuses.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use sluice_tests::*;
 
@@ -436,13 +435,12 @@ async fn dns_endpoints_resolve_localhost() -> anyhow::Result<()> {
 #[tokio::test]
 async fn failures_get_precise_statuses() -> anyhow::Result<()> {
     let port = free_port();
-    let closed_port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &reviews_subsets_yaml(echo("v1").await?, echo("v2").await?);
     yaml += &format!(
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dead}}\n\
          spec:\n  host: dead.svc\n  subsets: [{{name: none, labels: {{version: v9}}}}]\n{}",
-        service_entry_yaml("dead", "dead.svc", &[(SocketAddr::from(([127, 0, 0, 1], closed_port)), "version: v1")])
+        service_entry_yaml("dead", "dead.svc", &[(refusing_address(), "version: v1")])
     );
     yaml += &virtual_service(
         "errors",
@@ -602,12 +600,7 @@ async fn request_ids_and_trace_headers_travel_with_the_request() -> anyhow::Resu
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &backends(&["app"]).await?;
-    let closed = free_port();
-    yaml += &service_entry_yaml(
-        "dead",
-        "dead.svc",
-        &[(std::net::SocketAddr::from(([127, 0, 0, 1], closed)), "")],
-    );
+    yaml += &service_entry_yaml("dead", "dead.svc", &[(refusing_address(), "")]);
     yaml += &virtual_service(
         "ids",
         &["ids.test"],
