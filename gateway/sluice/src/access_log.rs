@@ -192,7 +192,10 @@ impl BackgroundService for AccessLogWriter {
             }
             // Waking for every line would cost a context switch per request under load: let
             // lines gather for a moment (the queue holds far more than arrive meanwhile).
-            tokio::time::sleep(BATCH_INTERVAL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(BATCH_INTERVAL) => {}
+                _ = shutdown.changed() => break,
+            }
         }
         while let Ok(line) = receiver.try_recv() {
             let _ = writeln!(file, "{line}");
