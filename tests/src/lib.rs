@@ -316,6 +316,20 @@ pub fn settings_yaml(extra: &str) -> String {
     )
 }
 
+/// One HTTPS server of a Gateway, for `gateway_with_servers`: `hosts` as YAML list items, `tls` the
+/// server's `tls` block as a YAML flow map.
+pub fn https_server(port: u16, hosts: &str, tls: &str) -> String {
+    format!("  - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [{hosts}]\n    tls: {tls}\n")
+}
+
+/// Settings and a Gateway `gw` with the given `servers` (no routes).
+pub fn gateway_with_servers(servers: &str) -> String {
+    format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n{servers}",
+        settings_yaml("")
+    )
+}
+
 /// A loopback address nothing listens on: connections to it are refused.
 pub fn refusing_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))

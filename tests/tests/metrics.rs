@@ -432,21 +432,12 @@ async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A terminating Gateway server for `hosts` with the given certificate files.
-fn https_server(port: u16, hosts: &str, crt: &Path, key: &Path) -> String {
+/// The `tls` block of a terminating server with the given certificate files.
+fn simple_tls(crt: &Path, key: &Path) -> String {
     format!(
-        "  - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [{hosts}]\n    \
-         tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}\n",
+        "{{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}",
         crt.display(),
         key.display()
-    )
-}
-
-/// A gateway with `servers` (and no routes: these tests only look at connections).
-fn https_gateway(servers: &str) -> String {
-    format!(
-        "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n{servers}",
-        settings_yaml("")
     )
 }
 
@@ -476,8 +467,9 @@ async fn certificate_expiry_is_exported_per_host_and_follows_reloads() -> anyhow
     let (a_crt, a_key) = pki.leaf("a", "ca", &["DNS:a.test"], KeyType::Ecdsa, false)?;
     let (b_crt, b_key) = pki.leaf("b", "ca", &["DNS:*.b.test"], KeyType::Rsa, false)?;
     let port = free_port();
-    let server = |hosts: &str, crt: &Path, key: &Path| https_server(port, hosts, crt, key);
-    let config = https_gateway;
+    let server =
+        |hosts: &str, crt: &Path, key: &Path| https_server(port, hosts, &simple_tls(crt, key));
+    let config = gateway_with_servers;
     let both = server("a.test, a2.test", &a_crt, &a_key) + &server("\"*.b.test\"", &b_crt, &b_key);
     let gw = TestGateway::start(&config(&both), &[port])?;
     let metric = "sluice_certificate_not_after_seconds";
@@ -533,7 +525,7 @@ async fn tls_handshakes_failures_and_open_connections_are_counted() -> anyhow::R
     let (crt, key) = pki.leaf("a", "ca", &["DNS:a.test"], KeyType::Ecdsa, false)?;
     let port = free_port();
     let gw = TestGateway::start(
-        &https_gateway(&https_server(port, "a.test", &crt, &key)),
+        &gateway_with_servers(&https_server(port, "a.test", &simple_tls(&crt, &key))),
         &[port],
     )?;
     let label = port.to_string();

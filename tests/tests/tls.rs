@@ -13,21 +13,12 @@ use sluice_tests::*;
 const ROUTE_ALL: &str = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: app}\n\
     spec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.svc}}]\n";
 
-fn https_server(port: u16, hosts: &str, tls: &str) -> String {
-    format!("  - port: {{number: {port}, name: https, protocol: HTTPS}}\n    hosts: [{hosts}]\n    tls: {tls}\n")
-}
-
-fn gateway(servers: &str) -> String {
-    format!(
-        "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n{servers}",
-        settings_yaml("")
-    )
-}
-
 /// A gateway with `servers`, whose every host routes to an echo upstream `app`.
 async fn app_behind(servers: &str) -> anyhow::Result<String> {
     let upstream = echo("app").await?;
-    Ok(gateway(servers) + &service_entry_yaml("app", "app.svc", &[(upstream, "")]) + ROUTE_ALL)
+    Ok(gateway_with_servers(servers)
+        + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + ROUTE_ALL)
 }
 
 async fn status_of(builder: reqwest::ClientBuilder, url: &str) -> Result<u16, String> {
@@ -70,8 +61,9 @@ async fn certificates_are_chosen_by_sni() -> anyhow::Result<()> {
         + &https_server(port, "b.test", &file(&b_crt, &b_key))
         + &https_server(port, "\"*.wild.test\"", &file(&w_crt, &w_key))
         + &https_server(port, "x.wild.test", &file(&x_crt, &x_key));
-    let yaml =
-        gateway(&servers) + &service_entry_yaml("app", "app.svc", &[(upstream, "")]) + ROUTE_ALL;
+    let yaml = gateway_with_servers(&servers)
+        + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + ROUTE_ALL;
     let _gw = TestGateway::start(&yaml, &[port])?;
     let ca = |name: &str| pki.dir.join(format!("{name}.crt"));
     let hosts = ["a.test", "b.test", "y.wild.test", "x.wild.test"];
@@ -234,8 +226,9 @@ async fn protocol_versions_are_enforced() -> anyhow::Result<()> {
             "v13.test",
             &format!("{{mode: SIMPLE, minProtocolVersion: TLSV1_3, {files}}}"),
         );
-    let yaml =
-        gateway(&servers) + &service_entry_yaml("app", "app.svc", &[(upstream, "")]) + ROUTE_ALL;
+    let yaml = gateway_with_servers(&servers)
+        + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + ROUTE_ALL;
     let _gw = TestGateway::start(&yaml, &[port])?;
     let ca = pki.dir.join("ca.crt");
     let hosts = ["v12.test", "v13.test"];
@@ -283,7 +276,7 @@ async fn protocol_versions_are_enforced() -> anyhow::Result<()> {
 #[tokio::test]
 async fn https_redirect_answers_301_to_the_https_url() -> anyhow::Result<()> {
     let port = free_port();
-    let yaml = gateway(&format!(
+    let yaml = gateway_with_servers(&format!(
         "  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [shop.test]\n    tls: {{httpsRedirect: true}}\n"
     ));
     let _gw = TestGateway::start(&yaml, &[port])?;
@@ -335,8 +328,9 @@ async fn mutual_tls_verifies_clients_and_forwards_their_identity() -> anyhow::Re
             "optional.test",
             &format!("{{mode: OPTIONAL_MUTUAL, {files}}}"),
         );
-    let yaml =
-        gateway(&servers) + &service_entry_yaml("app", "app.svc", &[(upstream, "")]) + ROUTE_ALL;
+    let yaml = gateway_with_servers(&servers)
+        + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
+        + ROUTE_ALL;
     let _gw = TestGateway::start(&yaml, &[port])?;
     let hosts = ["mtls.test", "optional.test"];
     let server_ca = pki.dir.join("server-ca.crt");
@@ -498,7 +492,7 @@ async fn passthrough_reaches_a_backend_that_terminates_tls_itself() -> anyhow::R
         "edge.test",
         &format!("{{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}", edge_crt.display(), edge_key.display()),
     );
-    let yaml = gateway(&servers)
+    let yaml = gateway_with_servers(&servers)
         + &service_entry_yaml("app", "app.svc", &[(upstream, "")])
         + &format!(
             "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: pass}}\nspec:\n\
@@ -550,7 +544,7 @@ async fn passthrough_reaches_a_backend_that_terminates_tls_itself() -> anyhow::R
 async fn tcp_routes_forward_plain_tcp() -> anyhow::Result<()> {
     let port = free_port();
     let upstream = echo("tcp-echo").await?;
-    let yaml = gateway(&format!("  - port: {{number: {port}, name: tcp, protocol: TCP}}\n    hosts: [\"*\"]\n"))
+    let yaml = gateway_with_servers(&format!("  - port: {{number: {port}, name: tcp, protocol: TCP}}\n    hosts: [\"*\"]\n"))
         + &service_entry_yaml("db", "db.svc", &[(upstream, "")])
         + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: db.svc}}]\n";
     let _gw = TestGateway::start(&yaml, &[port])?;
@@ -727,7 +721,7 @@ async fn destination_rules_originate_tls_to_upstreams() -> anyhow::Result<()> {
     let simple = tls_backend(&crt, &key, "tls-upstream").await?;
     let mutual = tls_backend_with(&crt, &key, "mtls-upstream", Some(&client_ca)).await?;
     let port = free_port();
-    let mut yaml = gateway(&format!(
+    let mut yaml = gateway_with_servers(&format!(
         "  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n"
     ));
     let cases = [
@@ -786,7 +780,7 @@ async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
     let (crt, key) = pki.leaf("grpc", "ca", &["DNS:grpc.test"], KeyType::Ecdsa, false)?;
     let port = free_port();
     let upstream = echo("grpc-echo").await?;
-    let yaml = gateway(&https_server(
+    let yaml = gateway_with_servers(&https_server(
         port,
         "grpc.test",
         &format!("{{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}", crt.display(), key.display()),
@@ -878,7 +872,7 @@ async fn cipher_suites_are_honoured_and_client_identity_is_routable() -> anyhow:
         "who.test",
         &format!("{{mode: OPTIONAL_MUTUAL, caCertificates: {}, {files}}}", client_ca.display()),
     );
-    let yaml = gateway(&servers)
+    let yaml = gateway_with_servers(&servers)
         + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: who}\nspec:\n\
            \x20 hosts: [\"*\"]\n  gateways: [gw]\n  http:\n\
            \x20 - match: [{headers: {x-forwarded-client-cert: {regex: '.*Subject=\"CN=alice\".*'}}}]\n\
