@@ -88,6 +88,10 @@ impl Diagnostics {
         self.items.iter().any(Diagnostic::is_error)
     }
 
+    pub fn error_count(&self) -> usize {
+        self.errors().count()
+    }
+
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
         self.items.iter().filter(|d| d.is_error())
     }

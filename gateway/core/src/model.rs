@@ -372,6 +372,9 @@ pub enum TlsMode {
 pub enum Credential {
     /// `credentialName`: `certsDir/NAME.crt` + `.key`, or `certsDir/NAME/tls.crt` + `tls.key`.
     Name(String),
+    /// `credentialName: acme:ISSUER`: one certificate per server host, obtained and renewed by
+    /// Sluice, stored as `certsDir/HOST.crt` + `.key`.
+    Acme(String),
     Files {
         certificate: std::path::PathBuf,
         private_key: std::path::PathBuf,
@@ -541,6 +544,47 @@ pub struct Settings {
     pub health_port: Option<u16>,
     pub upgrade_socket: std::path::PathBuf,
     pub access_log: Option<AccessLog>,
+    pub acme_issuers: Vec<AcmeIssuer>,
+}
+
+/// `GatewaySettings.spec.acme.issuers[]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeIssuer {
+    pub name: String,
+    pub directory_url: String,
+    pub email: Option<String>,
+    pub ca_bundle: Option<std::path::PathBuf>,
+    pub challenge: AcmeChallenge,
+    pub eab: Option<AcmeEab>,
+    /// `None`: renew when a third of the certificate's lifetime is left.
+    pub renew_before: Option<Duration>,
+    pub key_type: AcmeKeyType,
+    pub min_retry_interval: Duration,
+    pub max_retry_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    Http01,
+    TlsAlpn01,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeKeyType {
+    EcdsaP256,
+    EcdsaP384,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeEab {
+    pub kid: String,
+    pub hmac_key_file: std::path::PathBuf,
+}
+
+impl Settings {
+    pub fn acme_issuer(&self, name: &str) -> Option<&AcmeIssuer> {
+        self.acme_issuers.iter().find(|i| i.name == name)
+    }
 }
 
 /// The fields an access log line can hold, by the names format strings use (`%STATUS%`).
@@ -617,6 +661,7 @@ impl Default for Settings {
             health_port: None,
             upgrade_socket: "/tmp/sluice-upgrade.sock".into(),
             access_log: None,
+            acme_issuers: Vec::new(),
         }
     }
 }

@@ -27,6 +27,7 @@ pub fn validate(set: &ConfigSet, diagnostics: &mut Diagnostics) -> Option<Model>
     let mut v = Validator {
         set,
         diags: Diagnostics::default(),
+        acme_issuers: Vec::new(),
     };
     let model = v.run();
     let failed = v.diags.has_errors();
@@ -37,6 +38,8 @@ pub fn validate(set: &ConfigSet, diagnostics: &mut Diagnostics) -> Option<Model>
 struct Validator<'a> {
     set: &'a ConfigSet,
     diags: Diagnostics,
+    /// From GatewaySettings, for servers whose `credentialName` is `acme:<issuer>`.
+    acme_issuers: Vec<AcmeIssuer>,
 }
 
 /// Where a value sits: the document and the YAML path inside it.
@@ -56,6 +59,7 @@ impl Validator<'_> {
 
     fn run(&mut self) -> Model {
         let settings = self.settings();
+        self.acme_issuers = settings.acme_issuers.clone();
         self.duplicates();
         let gateways = self.gateways();
         let services = self.service_entries();
@@ -269,7 +273,144 @@ impl Validator<'_> {
                 format: log.format.clone(),
             });
         }
+        if let Some(acme) = &spec.acme {
+            for (i, issuer) in acme.issuers.iter().enumerate() {
+                let base = format!("spec.acme.issuers[{i}]");
+                if let Some(issuer) = self.acme_issuer(issuer, &base, &doc.origin) {
+                    if settings.acme_issuer(&issuer.name).is_some() {
+                        self.error(
+                            at(&format!("{base}.name")),
+                            format!("issuer `{}` is defined twice", issuer.name),
+                        );
+                    }
+                    settings.acme_issuers.push(issuer);
+                }
+            }
+        }
         settings
+    }
+
+    fn acme_issuer(
+        &mut self,
+        spec: &crate::config::settings::AcmeIssuerSpec,
+        base: &str,
+        origin: &Origin,
+    ) -> Option<AcmeIssuer> {
+        let at = |field: &str| At {
+            origin,
+            path: format!("{base}.{field}"),
+        };
+        let errors_before = self.diags.error_count();
+        if check_credential_name(&spec.name).is_err() {
+            self.error(
+                at("name"),
+                format!(
+                    "`{}` is not a valid issuer name (lower-case letters, digits, `-` and `.`)",
+                    spec.name
+                ),
+            );
+        }
+        match http::Uri::try_from(spec.directory_url.as_str()) {
+            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+            _ => self.error(
+                at("directoryUrl"),
+                format!(
+                    "`{}` is not an https:// URL (Let's Encrypt: \
+                     https://acme-v02.api.letsencrypt.org/directory)",
+                    spec.directory_url
+                ),
+            ),
+        }
+        if let Some(email) = &spec.email {
+            let plausible = email.split_once('@').is_some_and(|(user, domain)| {
+                !user.is_empty() && domain.contains('.') && !email.contains([' ', ',', '\n'])
+            });
+            if !plausible {
+                self.error(at("email"), format!("`{email}` is not an email address"));
+            }
+        }
+        let challenge = match spec.challenge.as_deref() {
+            None | Some("http-01") => AcmeChallenge::Http01,
+            Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+            Some(other) => {
+                self.error(
+                    at("challenge"),
+                    format!("unknown challenge `{other}`: use http-01 or tls-alpn-01"),
+                );
+                AcmeChallenge::Http01
+            }
+        };
+        let key_type = match spec.key_type.as_deref() {
+            None | Some("ECDSA_P256") => AcmeKeyType::EcdsaP256,
+            Some("ECDSA_P384") => AcmeKeyType::EcdsaP384,
+            Some("RSA_2048") => {
+                self.error(
+                    at("keyType"),
+                    "RSA_2048 is not supported yet (Sluice's crypto library, ring, cannot generate \
+                     RSA keys): use ECDSA_P256, which every current client accepts",
+                );
+                AcmeKeyType::EcdsaP256
+            }
+            Some(other) => {
+                self.error(
+                    at("keyType"),
+                    format!("unknown keyType `{other}`: use ECDSA_P256 or ECDSA_P384"),
+                );
+                AcmeKeyType::EcdsaP256
+            }
+        };
+        let mut duration = |field: &str, value: &Option<String>, default: Duration| match value {
+            None => default,
+            Some(text) => match parse_duration(text) {
+                Some(d) if d >= Duration::from_secs(1) => d,
+                _ => {
+                    self.error(
+                        at(field),
+                        format!("`{text}` is not a duration of at least 1s (examples: 30s, 720h)"),
+                    );
+                    default
+                }
+            },
+        };
+        let renew_before = spec
+            .renew_before
+            .as_ref()
+            .map(|_| duration("renewBefore", &spec.renew_before, Duration::ZERO));
+        let min_retry_interval = duration(
+            "minRetryInterval",
+            &spec.min_retry_interval,
+            Duration::from_secs(60),
+        );
+        let max_retry_interval = duration(
+            "maxRetryInterval",
+            &spec.max_retry_interval,
+            Duration::from_secs(6 * 3600),
+        );
+        if max_retry_interval < min_retry_interval {
+            self.error(
+                at("maxRetryInterval"),
+                "maxRetryInterval is shorter than minRetryInterval",
+            );
+        }
+        let eab = spec.eab.as_ref().map(|eab| AcmeEab {
+            kid: eab.kid.clone(),
+            hmac_key_file: eab.hmac_key_file.clone().into(),
+        });
+        if spec.eab.as_ref().is_some_and(|e| e.kid.is_empty()) {
+            self.error(at("eab.kid"), "`kid` is required (the CA's key identifier)");
+        }
+        (self.diags.error_count() == errors_before).then(|| AcmeIssuer {
+            name: spec.name.clone(),
+            directory_url: spec.directory_url.clone(),
+            email: spec.email.clone(),
+            ca_bundle: spec.ca_bundle.clone().map(Into::into),
+            challenge,
+            eab,
+            renew_before,
+            key_type,
+            min_retry_interval,
+            max_retry_interval,
+        })
     }
 
     fn port(&mut self, number: i64, at: At<'_>) -> Option<u16> {
@@ -596,6 +737,40 @@ impl Validator<'_> {
                     "use either `credentialName` or `serverCertificate` + `privateKey`, not both",
                 );
                 return (None, false);
+            }
+            (Some(name), None, None) if name.starts_with(ACME_CREDENTIAL) => {
+                let issuer = &name[ACME_CREDENTIAL.len()..];
+                if self.acme_issuers.iter().all(|i| i.name != issuer) {
+                    let known: Vec<&str> =
+                        self.acme_issuers.iter().map(|i| i.name.as_str()).collect();
+                    self.error(
+                        at(&format!("{tls_path}.credentialName")),
+                        format!(
+                            "no ACME issuer `{issuer}` in GatewaySettings spec.acme.issuers \
+                             (defined: {})",
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                    return (None, false);
+                }
+                for (j, host) in server.hosts.iter().enumerate() {
+                    let name = host.rsplit('/').next().unwrap_or(host);
+                    if !matches!(HostPattern::parse(name), Ok(HostPattern::Exact(_))) {
+                        self.error(
+                            at(&format!("{base}.hosts[{j}]")),
+                            format!(
+                                "`{host}`: ACME certificates (http-01, tls-alpn-01) cover exact \
+                                 names only; list each name, or use a credentialName for a \
+                                 wildcard certificate"
+                            ),
+                        );
+                    }
+                }
+                Some(Credential::Acme(issuer.to_string()))
             }
             (Some(name), None, None) => {
                 if let Err(e) = check_credential_name(name) {
@@ -2158,6 +2333,9 @@ fn matches_everything(route: &istio::HttpRoute) -> bool {
                 && m.gateways.is_none()
         })
 }
+
+/// `credentialName: acme:<issuer>`: certificates obtained by Sluice itself.
+pub const ACME_CREDENTIAL: &str = "acme:";
 
 /// A `credentialName` names files under certsDir, so it must not climb out of it.
 fn check_credential_name(name: &str) -> Result<(), String> {

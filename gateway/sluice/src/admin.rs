@@ -2,7 +2,7 @@
 //!
 //! Open: `GET /healthz` (process alive), `GET /readyz` (config loaded, listeners bound, not
 //! draining), `GET /metrics` (Prometheus). Behind a bearer token: `GET /api/v1/status`,
-//! `POST /api/v1/reload`. The optional health port serves only the two health endpoints.
+//! `POST /api/v1/reload`, `POST /api/v1/acme/renew?host=HOST`. The optional health port serves only the two health endpoints.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -102,9 +102,43 @@ async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response
         "needsRestart": status.needs_restart,
         "ready": state.live.is_ready(),
         "draining": state.live.is_draining(),
-        "inFlight": state.live.in_flight(),
+                "inFlight": state.live.in_flight(),
+        "acme": state.live.acme.status(),
     }))
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct RenewQuery {
+    host: String,
+}
+
+/// `POST /api/v1/acme/renew?host=HOST`: order a new certificate now (after a key compromise, or
+/// to try again without waiting out the backoff).
+async fn acme_renew(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<RenewQuery>,
+) -> Response {
+    if !authorized(&headers, &state.token) {
+        return denied();
+    }
+    let host = query.host.to_ascii_lowercase();
+    if state.live.acme.force_renewal(&host) {
+        (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"host": host, "renewal": "scheduled"})),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            format!(
+                "{host} is not served with an ACME certificate (credentialName: acme:<issuer>)\n"
+            ),
+        )
+            .into_response()
+    }
 }
 
 async fn reload(State(state): State<AdminState>, headers: HeaderMap) -> Response {
@@ -175,6 +209,7 @@ impl BackgroundService for AdminService {
             .route("/metrics", get(metrics))
             .route("/api/v1/status", get(status))
             .route("/api/v1/reload", post(reload))
+            .route("/api/v1/acme/renew", post(acme_renew))
             .with_state(state)
             .merge(health_routes().with_state(self.live.clone()));
         let health_port = settings.health_port.map(|port| {

@@ -10,6 +10,7 @@
 //! ```
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod boxed_io;
 pub mod cli;

@@ -20,7 +20,7 @@ use sluice_core::snapshot::{L4Route, TlsDecision};
 
 use crate::metrics::{HandshakeFailure, ListenerSeries};
 use crate::state::{Generation, Live};
-use crate::tls::{peek_server_name, SessionCallback};
+use crate::tls::{peek_client_hello, SessionCallback};
 
 /// The PROXY header, ClientHello and TLS handshake together must finish within this.
 const PRE_HTTP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -79,14 +79,20 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
         let Some(listener) = generation.snapshot.listener(self.port) else {
             return TlsOutcome::Closed;
         };
-        let server_name = match peek_server_name(stream.as_mut()).await {
-            Ok(name) => name,
+        let hello = match peek_client_hello(stream.as_mut()).await {
+            Ok(hello) => hello,
             Err((failure, reason)) => {
                 self.series.handshake_failed(failure);
                 debug!("port {}: {reason}", self.port);
                 return TlsOutcome::Closed;
             }
         };
+        let server_name = hello.server_name;
+        if hello.acme_validation {
+            self.answer_acme_validation(stream, server_name.as_deref(), &generation)
+                .await;
+            return TlsOutcome::Closed;
+        }
         // Refused names still get a handshake, so the client sees an alert rather than a reset.
         let mut failure = HandshakeFailure::Handshake;
         let (acceptor, server) = match listener.tls.decide(server_name.as_deref()) {
@@ -121,6 +127,51 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
                 );
                 TlsOutcome::Closed
             }
+        }
+    }
+
+    /// A CA checking a TLS-ALPN-01 challenge: the handshake itself is the answer (the certificate
+    /// carries the proof); no application data follows.
+    async fn answer_acme_validation(
+        &self,
+        stream: Stream,
+        server_name: Option<&str>,
+        generation: &Generation,
+    ) {
+        let host = server_name.filter(|h| crate::acme::is_managed(&generation.snapshot, h));
+        let acceptor = match host {
+            Some(host) => {
+                let certs_dir = &generation.snapshot.settings.certs_dir;
+                self.live
+                    .acme
+                    .challenges
+                    .tls_alpn_acceptor(certs_dir, host)
+                    .await
+            }
+            None => None,
+        };
+        let Some(acceptor) = acceptor else {
+            debug!(
+                "port {}: acme-tls/1 handshake for {server_name:?}: no challenge under way",
+                self.port
+            );
+            let refuse = generation.tls.refuse().clone();
+            let _ =
+                pingora::protocols::tls::server::handshake(&refuse, crate::boxed_io::Boxed(stream))
+                    .await;
+            return;
+        };
+        match pingora::protocols::tls::server::handshake(&acceptor, crate::boxed_io::Boxed(stream))
+            .await
+        {
+            Ok(_) => log::info!(
+                "port {}: answered TLS-ALPN-01 validation for {server_name:?}",
+                self.port
+            ),
+            Err(e) => debug!(
+                "port {}: TLS-ALPN-01 validation handshake failed: {e}",
+                self.port
+            ),
         }
     }
 }

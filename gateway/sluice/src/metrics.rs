@@ -74,6 +74,7 @@ pub struct Metrics {
     connections_active: IntGaugeVec,
     tls_handshakes: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
+    acme_orders: IntCounterVec,
 }
 
 impl Metrics {
@@ -177,8 +178,16 @@ impl Metrics {
             ),
             &["port", "reason"],
         )?;
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "sluice_acme_orders_total",
+                "ACME certificate orders finished, by issuer and result (success|failure).",
+            ),
+            &["issuer", "result"],
+        )?;
         for collector in [
             Box::new(access_log_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(acme_orders.clone()),
             Box::new(certificate_not_after.clone()),
             Box::new(connections_active.clone()),
             Box::new(tls_handshakes.clone()),
@@ -212,6 +221,7 @@ impl Metrics {
             connections_active,
             tls_handshakes,
             tls_handshake_failures,
+            acme_orders,
         })
     }
 
@@ -246,6 +256,11 @@ impl Metrics {
         self.last_reload_successful.set(i64::from(success));
         self.generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    pub fn record_acme_order(&self, issuer: &str, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.acme_orders.with_label_values(&[issuer, result]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

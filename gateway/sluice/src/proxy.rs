@@ -276,6 +276,24 @@ fn fail(failure: &'static str, status: u16) -> Box<Error> {
 }
 
 impl GatewayProxy {
+    /// The key authorization for an HTTP-01 validation request, if this is one Sluice can answer.
+    async fn acme_http_answer(&self, session: &Session, generation: &Generation) -> Option<String> {
+        let request = session.req_header();
+        let token = request
+            .uri
+            .path()
+            .strip_prefix(crate::acme::HTTP_CHALLENGE_PREFIX)?;
+        if request.method != http::Method::GET && request.method != http::Method::HEAD {
+            return None;
+        }
+        let certs_dir = &generation.snapshot.settings.certs_dir;
+        self.live
+            .acme
+            .challenges
+            .http_answer(certs_dir, token)
+            .await
+    }
+
     fn scheme(&self) -> &'static str {
         if self.tls {
             "https"
@@ -356,6 +374,15 @@ impl ProxyHttp for GatewayProxy {
         let generation = self.live.current();
         normalize_request_path(session.req_header_mut())?;
         ctx.request_id = ensure_request_id(session.req_header_mut())?;
+        // Before routing and https redirects: the CA validates over plain HTTP, whatever the
+        // routes say. A token Sluice does not know falls through to the routes.
+        if !self.tls {
+            if let Some(answer) = self.acme_http_answer(session, &generation).await {
+                ctx.generation = Some(generation);
+                respond(session, 200, None, Bytes::from(answer), None, &self.live).await?;
+                return Ok(true);
+            }
+        }
         let tls_session = match self.check_tls_session(session, &generation) {
             Ok(tls_session) => tls_session,
             Err(reason) => {

@@ -117,6 +117,10 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         ));
     }
     server.add_service(background_service(
+        "acme",
+        crate::acme::AcmeService::new(live.clone(), reloader.clone()),
+    ));
+    server.add_service(background_service(
         "admin",
         AdminService {
             live: live.clone(),

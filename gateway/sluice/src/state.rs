@@ -78,6 +78,8 @@ pub struct Live {
     pub status: Mutex<ReloadStatus>,
     /// Set at start when `accessLog` is configured.
     pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLogger>>,
+    /// Certificates Sluice obtains itself: challenge answers and per-host order state.
+    pub acme: crate::acme::Acme,
     /// Listeners are bound and serving (Pingora reached its running phase).
     serving: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so the balancer moves away.
@@ -101,6 +103,7 @@ impl Live {
             current: ArcSwap::from_pointee(Generation::new(1, snapshot, tls, &metrics)),
             dns: DnsCache::default(),
             access_log: std::sync::OnceLock::new(),
+            acme: crate::acme::Acme::default(),
             metrics,
             status: Mutex::new(ReloadStatus {
                 generation: 1,
@@ -130,6 +133,7 @@ impl Live {
             tls,
             &self.metrics,
         )));
+        self.acme.config_changed();
         number
     }
 

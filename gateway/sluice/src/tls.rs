@@ -76,11 +76,11 @@ impl TlsListeners {
         for listener in snapshot.listeners() {
             let mut acceptors = Vec::new();
             for server in &listener.tls.servers {
-                match server_config(&server.tls, certs_dir) {
-                    Ok((config, not_after)) => {
-                        certificate_expiry.extend(server.hosts.iter().map(|host| {
+                match server_config(server, certs_dir) {
+                    Ok((config, expiry)) => {
+                        certificate_expiry.extend(expiry.into_iter().map(|(host, not_after)| {
                             CertificateExpiry {
-                                host: host.clone(),
+                                host,
                                 port: listener.spec.port,
                                 not_after,
                             }
@@ -177,7 +177,12 @@ fn origination(tls: &UpstreamTls, host: &str) -> Result<Origination, String> {
 /// Files a terminating server reads, for the watcher.
 pub fn credential_files(server: &TlsServer, certs_dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    if let Some(credential) = &server.tls.credential {
+    if let Some(Credential::Acme(_)) = &server.tls.credential {
+        for host in crate::acme::server_hosts(server) {
+            let (cert, key) = crate::acme::store::certificate_paths(certs_dir, host);
+            files.extend([cert, key]);
+        }
+    } else if let Some(credential) = &server.tls.credential {
         let (cert, key) = credential_paths(credential, certs_dir);
         files.extend([cert, key]);
     }
@@ -193,6 +198,7 @@ fn credential_paths(credential: &Credential, certs_dir: &Path) -> (PathBuf, Path
             certificate,
             private_key,
         } => (certificate.clone(), private_key.clone()),
+        Credential::Acme(_) => (PathBuf::new(), PathBuf::new()),
         Credential::Name(name) => {
             let flat = (
                 certs_dir.join(format!("{name}.crt")),
@@ -319,7 +325,18 @@ fn openssl_name(suite: SupportedCipherSuite) -> Option<&'static str> {
 
 /// Always the same certificate: one server, one credential. SNI was already used to pick the server.
 #[derive(Debug)]
-struct OneCertificate(Arc<CertifiedKey>);
+pub(crate) struct OneCertificate(pub(crate) Arc<CertifiedKey>);
+
+/// A certificate per host name (ACME issues one per host). A name without one yet is refused.
+#[derive(Debug)]
+struct ByServerName(HashMap<String, Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for ByServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.0.get(&name).cloned()
+    }
+}
 
 impl ResolvesServerCert for OneCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -337,14 +354,62 @@ impl ResolvesServerCert for NoCertificate {
     }
 }
 
-/// The rustls configuration of one terminating server, and its certificate's not-after time.
-fn server_config(tls: &ServerTls, certs_dir: &Path) -> Result<(ServerConfig, i64), String> {
+/// The certificates of an ACME server's hosts, from `certsDir/HOST.crt` + `.key`. A host without a
+/// usable certificate (not issued yet, expired, damaged) is left out rather than failing the
+/// reload: the ACME manager obtains a new one, and the other hosts keep serving meanwhile.
+fn acme_certificates(server: &TlsServer, certs_dir: &Path) -> (ByServerName, Vec<(String, i64)>) {
+    let mut certificates = HashMap::new();
+    let mut expiry = Vec::new();
+    for host in crate::acme::server_hosts(server) {
+        let (cert, key) = crate::acme::store::certificate_paths(certs_dir, host);
+        if !cert.exists() {
+            log::info!(
+                "{}: no certificate for {host} yet (ACME); refusing it until one is issued",
+                server.label
+            );
+            continue;
+        }
+        match load_key_pair(&cert, &key) {
+            Ok((certified, _, not_after)) => {
+                certificates.insert(host.to_string(), Arc::new(certified));
+                expiry.push((host.to_string(), not_after));
+            }
+            Err(e) => log::warn!(
+                "{}: ACME certificate for {host} not used: {e}",
+                server.label
+            ),
+        }
+    }
+    (ByServerName(certificates), expiry)
+}
+
+/// The rustls configuration of one terminating server, and the not-after time of each host's
+/// certificate.
+fn server_config(
+    server: &TlsServer,
+    certs_dir: &Path,
+) -> Result<(ServerConfig, Vec<(String, i64)>), String> {
+    let tls = &server.tls;
     let credential = tls
         .credential
         .as_ref()
         .ok_or_else(|| "a terminating server has no credential".to_string())?;
-    let (cert_path, key_path) = credential_paths(credential, certs_dir);
-    let (certified, _, not_after) = load_key_pair(&cert_path, &key_path)?;
+    let (resolver, expiry): (Arc<dyn ResolvesServerCert>, _) = match credential {
+        Credential::Acme(_) => {
+            let (certificates, expiry) = acme_certificates(server, certs_dir);
+            (Arc::new(certificates), expiry)
+        }
+        _ => {
+            let (cert_path, key_path) = credential_paths(credential, certs_dir);
+            let (certified, _, not_after) = load_key_pair(&cert_path, &key_path)?;
+            let expiry = server
+                .hosts
+                .iter()
+                .map(|h| (h.clone(), not_after))
+                .collect();
+            (Arc::new(OneCertificate(Arc::new(certified))), expiry)
+        }
+    };
     let provider = Arc::new(provider_for(&tls.cipher_suites));
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = [
         (TlsVersion::Tls12, &rustls::version::TLS12),
@@ -380,9 +445,9 @@ fn server_config(tls: &ServerTls, certs_dir: &Path) -> Result<(ServerConfig, i64
         }
         TlsMode::Simple | TlsMode::Passthrough => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(OneCertificate(Arc::new(certified))));
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok((config, not_after))
+    Ok((config, expiry))
 }
 
 fn refusing_config() -> ServerConfig {
@@ -406,11 +471,18 @@ const MAX_CLIENT_HELLO: usize = 32 * 1024;
 const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CLIENT_HELLO_RECORDS: usize = 8;
 
-/// Reads the ClientHello without consuming it and returns its server name (lower-case), so the
-/// connection can be terminated with the right server's settings or passed through untouched.
-pub async fn peek_server_name(
-    stream: &mut dyn IO,
-) -> Result<Option<String>, (HandshakeFailure, String)> {
+/// What Sluice needs from a ClientHello to decide what to do with the connection.
+#[derive(Debug, Default)]
+pub struct Hello {
+    /// SNI, lower-case.
+    pub server_name: Option<String>,
+    /// The client offers only `acme-tls/1`: a CA validating a TLS-ALPN-01 challenge.
+    pub acme_validation: bool,
+}
+
+/// Reads the ClientHello without consuming it, so the connection can be terminated with the right
+/// server's settings or passed through untouched.
+pub async fn peek_client_hello(stream: &mut dyn IO) -> Result<Hello, (HandshakeFailure, String)> {
     tokio::time::timeout(CLIENT_HELLO_TIMEOUT, peek_inner(stream))
         .await
         .map_err(|_| {
@@ -421,7 +493,7 @@ pub async fn peek_server_name(
         })?
 }
 
-async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, (HandshakeFailure, String)> {
+async fn peek_inner(stream: &mut dyn IO) -> Result<Hello, (HandshakeFailure, String)> {
     let malformed = |message: String| (HandshakeFailure::MalformedClientHello, message);
     let mut acceptor = rustls::server::Acceptor::default();
     let mut seen = 0usize;
@@ -454,10 +526,14 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Option<String>, (HandshakeFai
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                return Ok(accepted
-                    .client_hello()
-                    .server_name()
-                    .map(str::to_ascii_lowercase))
+                let hello = accepted.client_hello();
+                let acme_validation = hello.alpn().is_some_and(|mut protocols| {
+                    protocols.all(|p| p == crate::acme::ACME_TLS_ALPN)
+                });
+                return Ok(Hello {
+                    server_name: hello.server_name().map(str::to_ascii_lowercase),
+                    acme_validation,
+                });
             }
             Ok(None) => seen = total,
             Err((e, _)) => return Err(malformed(format!("invalid ClientHello: {e}"))),

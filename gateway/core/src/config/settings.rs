@@ -51,6 +51,56 @@ pub struct GatewaySettingsSpec {
     /// One line per request. Off unless set (as Istio's `accessLogFile`).
     #[serde(default)]
     pub access_log: Option<AccessLogSettings>,
+    /// Certificate issuers for Gateway servers whose `credentialName` is `acme:<issuer>`.
+    #[serde(default)]
+    pub acme: Option<AcmeSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AcmeSettings {
+    #[serde(default)]
+    pub issuers: Vec<AcmeIssuerSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AcmeIssuerSpec {
+    pub name: String,
+    /// The ACME directory (Let's Encrypt: `https://acme-v02.api.letsencrypt.org/directory`).
+    pub directory_url: String,
+    /// Contact address for the account (expiry notices).
+    #[serde(default)]
+    pub email: Option<String>,
+    /// PEM file of CAs that verify the ACME server (a private CA). Default: the Mozilla roots.
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
+    /// `http-01` (default) or `tls-alpn-01`.
+    #[serde(default)]
+    pub challenge: Option<String>,
+    /// External account binding, for CAs that require one.
+    #[serde(default)]
+    pub eab: Option<AcmeEabSpec>,
+    /// Renew this long before expiry (a duration: `720h`). Default: when a third of the lifetime is left.
+    #[serde(default)]
+    pub renew_before: Option<String>,
+    /// `ECDSA_P256` (default) or `ECDSA_P384`.
+    #[serde(default)]
+    pub key_type: Option<String>,
+    /// First wait after a failed order (doubling up to `maxRetryInterval`). Default `1m`.
+    #[serde(default)]
+    pub min_retry_interval: Option<String>,
+    /// Longest wait between failed orders. Default `6h`.
+    #[serde(default)]
+    pub max_retry_interval: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AcmeEabSpec {
+    pub kid: String,
+    /// File holding the base64url HMAC key the CA gave out.
+    pub hmac_key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
