@@ -358,3 +358,37 @@ async fn while_the_ca_is_down_the_old_certificate_serves_and_renewal_follows_lat
     wait_for_certificate(&gw, host, Duration::from_secs(5)).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn replicas_sharing_the_certs_dir_place_one_order() -> Result<()> {
+    let shared = tempfile::tempdir()?;
+    let (http_a, https_a, http_b, https_b) = (free_port(), free_port(), free_port(), free_port());
+    // The CA validates at replica A only, as a balancer might route it: whichever replica holds
+    // the lease, A must be able to answer (challenge answers are shared through the directory).
+    let pebble = Pebble::start(free_port(), http_a, free_port(), &[])?;
+    let host = "shared.acme.test";
+    let mut replicas = Vec::new();
+    for (http, https) in [(http_a, https_a), (http_b, https_b)] {
+        let dir = tempfile::tempdir()?;
+        std::os::unix::fs::symlink(shared.path(), dir.path().join("certs"))?;
+        let config = acme_config(http, https, host, &issuer(&pebble, "http-01", ""));
+        replicas.push((TestGateway::start_in(dir, &config, &[http, https])?, https));
+    }
+    let root = pebble.root().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (gw, https) in &replicas {
+        while served_under(&root, host, *https).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("replica on {https} serves no certificate; log:\n{}", gw.log());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut placed = 0;
+    for (gw, _) in &replicas {
+        placed += orders(&metrics(gw).await?, "success");
+    }
+    assert_eq!(placed, 1, "one order for both replicas");
+    assert!(!shared.path().join(format!("acme/locks/{host}.lock")).exists(), "lease not released");
+    Ok(())
+}

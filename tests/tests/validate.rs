@@ -15,6 +15,9 @@ fn vs(http: &str) -> String {
 
 const ENTRY: &str = "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: svc}\nspec:\n  hosts: [svc.test]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 127.0.0.1, labels: {version: v1}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc}\nspec:\n  host: svc.test\n  subsets: [{name: v1, labels: {version: v1}}]\n";
 
+const ACME_SETTINGS: &str = "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers: [{name: le, directoryUrl: 'https://acme.test/dir'}]\n";
+const ACME_GATEWAY: &str = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 443, protocol: HTTPS}\n    hosts: [shop.test]\n";
+
 /// (case, YAML, expected message fragment). The expected line is the one holding `#<`, or line 1.
 fn cases() -> Vec<(&'static str, String, &'static str)> {
     let ok_route = "  - route: [{destination: {host: svc.test}}]\n";
@@ -69,6 +72,13 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("missing name", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {namespace: x} #<\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts: [a]\n".into(), "`metadata.name` is required"),
         ("bad bind address", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  bindAddress: localhost #<\n".into(), "is not an IP address"),
         ("bad duration", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  dnsRefreshRate: 5 seconds #<\n".into(), "is not a duration"),
+        ("acme issuer not defined", format!("{ACME_SETTINGS}---\n{ACME_GATEWAY}    tls:\n      mode: SIMPLE\n      credentialName: acme:nope #<\n"), "no ACME issuer `nope`"),
+        ("acme wildcard host", format!("{ACME_SETTINGS}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers:\n  - port: {{number: 443, protocol: HTTPS}}\n    hosts:\n    - '*.shop.test' #<\n    tls: {{mode: SIMPLE, credentialName: 'acme:le'}}\n"), "exact names only"),
+        ("acme directory not https", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - name: le\n      directoryUrl: http://acme.test/dir #<\n".into(), "is not an https:// URL"),
+        ("acme unknown challenge", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - name: le\n      directoryUrl: https://acme.test/dir\n      challenge: dns-01 #<\n".into(), "unknown challenge `dns-01`"),
+        ("acme bad renewBefore", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - name: le\n      directoryUrl: https://acme.test/dir\n      renewBefore: soon #<\n".into(), "is not a duration"),
+        ("acme duplicate issuer", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - {name: le, directoryUrl: 'https://a.test/dir'}\n    - name: le #<\n      directoryUrl: https://b.test/dir\n".into(), "issuer `le` is defined twice"),
+        ("acme unknown issuer field", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - name: le\n      directoryUrl: https://acme.test/dir\n      emial: ops@example.com #<\n".into(), "unknown field `emial`"),
         ("wildcard in the middle", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts:\n    - 'a.*.com' #<\n".into(), "a wildcard must be the whole first label"),
     ]
 }
