@@ -379,7 +379,10 @@ async fn replicas_sharing_the_certs_dir_place_one_order() -> Result<()> {
     for (gw, https) in &replicas {
         while served_under(&root, host, *https).await.is_err() {
             if Instant::now() > deadline {
-                bail!("replica on {https} serves no certificate; log:\n{}", gw.log());
+                bail!(
+                    "replica on {https} serves no certificate; log:\n{}",
+                    gw.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -389,6 +392,12 @@ async fn replicas_sharing_the_certs_dir_place_one_order() -> Result<()> {
         placed += orders(&metrics(gw).await?, "success");
     }
     assert_eq!(placed, 1, "one order for both replicas");
-    assert!(!shared.path().join(format!("acme/locks/{host}.lock")).exists(), "lease not released");
+    assert!(
+        !shared
+            .path()
+            .join(format!("acme/locks/{host}.lock"))
+            .exists(),
+        "lease not released"
+    );
     Ok(())
 }
