@@ -359,14 +359,25 @@ impl Validator<'_> {
                 AcmeKeyType::EcdsaP256
             }
         };
-        let mut duration = |field: &str, value: &Option<String>, default: Duration| match value {
+        const DAY: u64 = 86_400;
+        let mut duration = |field: &str,
+                            value: &Option<String>,
+                            default: Duration,
+                            max_days: u64| match value {
             None => default,
             Some(text) => match parse_duration(text) {
-                Some(d) if d >= Duration::from_secs(1) => d,
+                Some(d)
+                    if d >= Duration::from_secs(1) && d <= Duration::from_secs(max_days * DAY) =>
+                {
+                    d
+                }
                 _ => {
                     self.error(
                         at(field),
-                        format!("`{text}` is not a duration of at least 1s (examples: 30s, 720h)"),
+                        format!(
+                            "`{text}` is not a duration between 1s and {}h (examples: 30s, 720h)",
+                            max_days * 24
+                        ),
                     );
                     default
                 }
@@ -375,16 +386,18 @@ impl Validator<'_> {
         let renew_before = spec
             .renew_before
             .as_ref()
-            .map(|_| duration("renewBefore", &spec.renew_before, Duration::ZERO));
+            .map(|_| duration("renewBefore", &spec.renew_before, Duration::ZERO, 365));
         let min_retry_interval = duration(
             "minRetryInterval",
             &spec.min_retry_interval,
             Duration::from_secs(60),
+            30,
         );
         let max_retry_interval = duration(
             "maxRetryInterval",
             &spec.max_retry_interval,
             Duration::from_secs(6 * 3600),
+            30,
         );
         if max_retry_interval < min_retry_interval {
             self.error(

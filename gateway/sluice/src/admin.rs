@@ -4,7 +4,6 @@
 //! draining), `GET /metrics` (Prometheus). Behind a bearer token: `GET /api/v1/status`,
 //! `POST /api/v1/reload`, `POST /api/v1/acme/renew?host=HOST`. The optional health port serves only the two health endpoints.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -124,7 +123,11 @@ async fn acme_renew(
         return denied();
     }
     let host = query.host.to_ascii_lowercase();
-    if state.live.acme.force_renewal(&host) {
+    if state
+        .live
+        .acme
+        .force_renewal(&state.live.current().snapshot, &host)
+    {
         (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"host": host, "renewal": "scheduled"})),
@@ -260,35 +263,14 @@ pub fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom for the admin token")?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Another replica starting at the same moment either sees no token or a whole one; if it wrote
+    // one first, both use that.
+    let written =
+        crate::files::write_whole(path, token.as_bytes(), 0o600, crate::files::IfExists::Keep)
+            .with_context(|| format!("creating admin token file {}", path.display()))?;
+    if !written {
+        return load_or_create_token(path);
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    // Written to a temporary file and renamed into place: another replica starting at the same
-    // moment either sees no token or a whole one, never a half-written file.
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating admin token file {}", tmp.display()))?;
-    file.write_all(token.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {}
-        // Someone else created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return load_or_create_token(path)
-        }
-        Err(e) => {
-            return Err(e).with_context(|| format!("creating admin token file {}", path.display()))
-        }
-    }
-    let _ = std::fs::remove_file(&tmp);
     info!("admin token written to {} (mode 0600)", path.display());
     Ok(token)
 }

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod demo;
 pub mod dns;
 pub mod echo;
+pub mod files;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

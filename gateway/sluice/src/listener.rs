@@ -88,7 +88,13 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
             }
         };
         let server_name = hello.server_name;
-        if hello.acme_validation {
+        // Only for Sluice's own ACME hosts: a passthrough backend validating its own
+        // certificates over TLS-ALPN-01 gets its handshakes as before.
+        let own_validation = hello.acme_validation
+            && server_name
+                .as_deref()
+                .is_some_and(|h| crate::acme::is_managed(&generation.snapshot, h));
+        if own_validation {
             self.answer_acme_validation(stream, server_name.as_deref(), &generation)
                 .await;
             return TlsOutcome::Closed;
@@ -138,8 +144,7 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
         server_name: Option<&str>,
         generation: &Generation,
     ) {
-        let host = server_name.filter(|h| crate::acme::is_managed(&generation.snapshot, h));
-        let acceptor = match host {
+        let acceptor = match server_name {
             Some(host) => {
                 let certs_dir = &generation.snapshot.settings.certs_dir;
                 self.live

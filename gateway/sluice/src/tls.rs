@@ -4,7 +4,9 @@
 //! Built for each config generation ([`TlsListeners::build`]) from the compiled snapshot: a reload,
 //! including one triggered by a certificate file changing, loads every certificate again and
 //! swaps them in with the rest of the config. A certificate that does not parse, has expired, or
-//! does not match its key fails that reload, so the previous certificate keeps serving.
+//! does not match its key fails that reload, so the previous certificate keeps serving. ACME hosts
+//! are the exception: Sluice renews those itself, so one without a usable certificate is refused
+//! (and ordered again) while the other hosts load.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -248,7 +250,7 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
 /// Reads a certificate chain and its key, and checks that they belong together and that the leaf
 /// is valid now. Returns the key's DER too (the upstream connector needs it) and the leaf's
 /// not-after time as Unix seconds.
-fn load_key_pair(
+pub(crate) fn load_key_pair(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<(CertifiedKey, PrivateKeyDer<'static>, i64), String> {
@@ -272,6 +274,10 @@ fn load_key_pair(
     Ok((certified, key, not_after))
 }
 
+/// How far in the future a certificate's not-before may be: clocks differ a little between a CA
+/// and this machine (Let's Encrypt backdates by an hour; Pebble does not).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 /// Checks the leaf is valid now; returns its not-after time as Unix seconds.
 fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<i64, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
@@ -285,7 +291,10 @@ fn check_validity(leaf: &CertificateDer<'_>, path: &Path) -> Result<i64, String>
             validity.not_after
         ));
     }
-    if validity.not_before > now {
+    let skew =
+        x509_parser::time::ASN1Time::from_timestamp(now.timestamp() + CLOCK_SKEW.as_secs() as i64)
+            .unwrap_or(now);
+    if validity.not_before > skew {
         return Err(format!(
             "certificate {} is not valid before {}",
             path.display(),
@@ -369,7 +378,13 @@ fn acme_certificates(server: &TlsServer, certs_dir: &Path) -> (ByServerName, Vec
             );
             continue;
         }
-        match load_key_pair(&cert, &key) {
+        // The ACME service replaces the key, then the certificate: a reload between the two
+        // renames sees a mismatched pair, which one more look a moment later resolves.
+        let loaded = load_key_pair(&cert, &key).or_else(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            load_key_pair(&cert, &key)
+        });
+        match loaded {
             Ok((certified, _, not_after)) => {
                 certificates.insert(host.to_string(), Arc::new(certified));
                 expiry.push((host.to_string(), not_after));
@@ -527,8 +542,9 @@ async fn peek_inner(stream: &mut dyn IO) -> Result<Hello, (HandshakeFailure, Str
         match acceptor.accept() {
             Ok(Some(accepted)) => {
                 let hello = accepted.client_hello();
-                let acme_validation = hello.alpn().is_some_and(|mut protocols| {
-                    protocols.all(|p| p == crate::acme::ACME_TLS_ALPN)
+                let acme_validation = hello.alpn().is_some_and(|protocols| {
+                    let offered: Vec<&[u8]> = protocols.collect();
+                    !offered.is_empty() && offered.iter().all(|p| *p == crate::acme::ACME_TLS_ALPN)
                 });
                 return Ok(Hello {
                     server_name: hello.server_name().map(str::to_ascii_lowercase),

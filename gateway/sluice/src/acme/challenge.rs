@@ -28,6 +28,8 @@ pub struct Challenges {
     http: Mutex<HashMap<String, String>>,
     /// TLS-ALPN-01: host → (key authorization, acceptor presenting the validation certificate).
     tls_alpn: Mutex<HashMap<String, (String, Arc<Acceptor>)>>,
+    /// TLS-ALPN-01 answers of replicas' orders, read from their files.
+    replicas_tls_alpn: Mutex<HashMap<String, (String, Arc<Acceptor>)>>,
     /// Tokens published per host, to withdraw them when the order is done.
     tokens: Mutex<HashMap<String, Vec<String>>>,
 }
@@ -103,6 +105,15 @@ impl Challenges {
 
     /// The key authorization for an HTTP-01 token, from this process or a replica.
     pub async fn http_answer(&self, certs_dir: &Path, token: &str) -> Option<String> {
+        // Tokens are base64url: anything else is not worth a look on disk.
+        let token_like = !token.is_empty()
+            && token.len() <= 128
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !token_like {
+            return None;
+        }
         let local = self.http.lock().ok()?.get(token).cloned();
         match local {
             Some(answer) => Some(answer),
@@ -116,8 +127,22 @@ impl Challenges {
         if let Some((_, acceptor)) = self.tls_alpn.lock().ok()?.get(host) {
             return Some(acceptor.clone());
         }
+        // A replica's order: build the validation certificate once per challenge, not per
+        // handshake (the CA validates from several places).
         let key_authorization = Store::new(certs_dir).challenge(&alpn_file(host)).await?;
-        let acceptor = Arc::new(validation_acceptor(host, key_authorization.trim()).ok()?);
+        let key_authorization = key_authorization.trim().to_string();
+        let cached = self.replicas_tls_alpn.lock().ok().and_then(|map| {
+            map.get(host)
+                .filter(|(known, _)| *known == key_authorization)
+                .map(|(_, acceptor)| acceptor.clone())
+        });
+        if cached.is_some() {
+            return cached;
+        }
+        let acceptor = Arc::new(validation_acceptor(host, &key_authorization).ok()?);
+        if let Ok(mut map) = self.replicas_tls_alpn.lock() {
+            map.insert(host.to_string(), (key_authorization, acceptor.clone()));
+        }
         Some(acceptor)
     }
 }

@@ -111,17 +111,15 @@ impl Acme {
     }
 
     /// Orders a new certificate for `host` now, whatever its expiry and backoff say.
-    pub fn force_renewal(&self, host: &str) -> bool {
-        let known = self
-            .hosts
-            .lock()
-            .ok()
-            .and_then(|mut hosts| hosts.get_mut(host).map(|s| s.forced = true))
-            .is_some();
-        if known {
-            self.wake.notify_one();
+    pub fn force_renewal(&self, snapshot: &Snapshot, host: &str) -> bool {
+        if !is_managed(snapshot, host) {
+            return false;
         }
-        known
+        if let Ok(mut hosts) = self.hosts.lock() {
+            hosts.entry(host.to_string()).or_default().forced = true;
+        }
+        self.wake.notify_one();
+        true
     }
 
     /// A new config may name new hosts: look at once.
@@ -144,21 +142,17 @@ struct Stored {
     not_after: i64,
 }
 
+/// The stored certificate, checked as the TLS loader checks it (parses, matches its key, valid
+/// now): one the loader would refuse counts as missing, so it is ordered again.
 fn stored_certificate(certs_dir: &std::path::Path, host: &str) -> Option<Stored> {
-    let (cert, _) = store::certificate_paths(certs_dir, host);
-    let pem = std::fs::read(cert).ok()?;
-    let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-        .next()?
-        .ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    let validity = parsed.validity();
+    let (cert, key) = store::certificate_paths(certs_dir, host);
+    let (certified, _, not_after) = crate::tls::load_key_pair(&cert, &key).ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certified.cert.first()?.as_ref()).ok()?;
     Some(Stored {
-        not_before: validity.not_before.timestamp(),
-        not_after: validity.not_after.timestamp(),
+        not_before: parsed.validity().not_before.timestamp(),
+        not_after,
     })
 }
-
-use rustls::pki_types::pem::PemObject;
 
 /// When to renew: `renewBefore` ahead of expiry, else when a third of the lifetime is left;
 /// moved earlier by up to a twentieth of that window (at most an hour), fixed per certificate, so
@@ -168,7 +162,8 @@ fn renewal_time(host: &str, stored: &Stored, issuer: &AcmeIssuer) -> i64 {
     let window = issuer
         .renew_before
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(lifetime / 3);
+        .unwrap_or(lifetime / 3)
+        .max(0);
     let spread = (window / 20).clamp(0, 3600);
     let jitter = if spread > 0 {
         let seed = host.bytes().fold(stored.not_after as u64, |h, b| {
@@ -191,7 +186,8 @@ fn backoff(issuer: &AcmeIssuer, failures: u32) -> Duration {
     let max = issuer.max_retry_interval.as_secs_f64();
     let exponent = failures.saturating_sub(1).min(30);
     let base = (min * 2f64.powi(exponent as i32)).min(max);
-    Duration::from_secs_f64(base * (0.9 + fastrand::f64() * 0.2))
+    Duration::try_from_secs_f64(base * (0.9 + fastrand::f64() * 0.2))
+        .unwrap_or(issuer.max_retry_interval)
 }
 
 /// The background service that obtains and renews certificates.
@@ -220,6 +216,26 @@ impl AcmeService {
     }
 }
 
+/// Releases the order lease and withdraws challenge answers however the order ends, including
+/// when shutdown cancels it midway (a restarted Sluice then resumes at once, not after the lease).
+struct OrderGuard<'a> {
+    store: &'a Store,
+    challenges: &'a Challenges,
+    host: &'a str,
+    owner: &'a str,
+}
+
+impl Drop for OrderGuard<'_> {
+    fn drop(&mut self) {
+        self.challenges.withdraw(self.host, self.store);
+        self.store.unlock(self.host, self.owner);
+    }
+}
+
+/// Longest one order may take (a CA that keeps answering "processing"); shorter than the lease so
+/// no replica starts a second order while this one still runs.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 /// Accounts by issuer, with the issuer settings they were made for (a changed issuer gets a new
 /// client and account).
 type Accounts = HashMap<String, (AcmeIssuer, order::AcmeHttp, instant_acme::Account)>;
@@ -228,9 +244,10 @@ type Accounts = HashMap<String, (AcmeIssuer, order::AcmeHttp, instant_acme::Acco
 impl BackgroundService for AcmeService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut accounts = Accounts::new();
+        let mut picked_up = HashMap::new();
         loop {
             let sleep_until = tokio::select! {
-                next = self.round(&mut accounts) => next,
+                next = self.round(&mut accounts, &mut picked_up) => next,
                 _ = shutdown.changed() => return,
             };
             let wait = Duration::from_secs(sleep_until.saturating_sub(unix_now()).max(0) as u64);
@@ -245,7 +262,7 @@ impl BackgroundService for AcmeService {
 
 impl AcmeService {
     /// Looks at every managed host, orders what is due, and returns when to look again.
-    async fn round(&self, accounts: &mut Accounts) -> i64 {
+    async fn round(&self, accounts: &mut Accounts, picked_up: &mut HashMap<String, i64>) -> i64 {
         let generation = self.live.current();
         let certs_dir = generation.snapshot.settings.certs_dir.clone();
         let managed = managed_hosts(&generation.snapshot);
@@ -271,10 +288,20 @@ impl AcmeService {
             self.live.acme.update(host, |s| {
                 s.not_after = stored.as_ref().map(|s| s.not_after);
                 s.renew_at = renew_at;
-                if s.state.is_empty() || (!due && s.failures == 0) {
+                if !due {
+                    // Valid and not due, whoever renewed it (a replica, an operator's copy).
+                    s.state = "valid";
+                    s.failures = 0;
+                    s.retry_at = None;
+                    s.last_error = None;
+                } else if s.state.is_empty() {
                     s.state = if stored.is_some() { "valid" } else { "pending" };
                 }
             });
+            if let Some(stored) = &stored {
+                self.pick_up(&generation, host, stored.not_after, picked_up)
+                    .await;
+            }
             if (due || status.forced) && when <= now {
                 let retry = self.order(host, issuer, &certs_dir, accounts).await;
                 next = next.min(retry.unwrap_or(next));
@@ -283,6 +310,37 @@ impl AcmeService {
             }
         }
         next
+    }
+
+    /// A certificate on disk that this generation does not serve (a replica stored it, and the
+    /// watcher missed it: network filesystems send no change events) is loaded by a reload, once.
+    async fn pick_up(
+        &self,
+        generation: &crate::state::Generation,
+        host: &str,
+        not_after: i64,
+        picked_up: &mut HashMap<String, i64>,
+    ) {
+        let served = generation
+            .tls
+            .certificate_expiry
+            .iter()
+            .any(|c| c.host == host && c.not_after == not_after);
+        if served || picked_up.get(host) == Some(&not_after) {
+            return;
+        }
+        picked_up.insert(host.to_string(), not_after);
+        self.reload(&format!("stored ACME certificate for {host}"))
+            .await;
+    }
+
+    async fn reload(&self, trigger: &str) {
+        let reloader = self.reloader.clone();
+        let trigger = trigger.to_string();
+        let done = tokio::task::spawn_blocking(move || reloader.reload(&trigger, true)).await;
+        if let Ok(Err(errors)) = done {
+            warn!("the new certificate waits for a valid config: {errors}");
+        }
     }
 
     /// Orders `host`'s certificate under the replica lease. Returns when to look again if that is
@@ -307,12 +365,17 @@ impl AcmeService {
                 return Some(self.failed(host, issuer, &format!("order lease: {e}"), None));
             }
         }
+        let _guard = OrderGuard {
+            store: &store,
+            challenges: &acme.challenges,
+            host,
+            owner: &self.owner,
+        };
         // A replica may have renewed while this one waited for the lease.
         let forced = acme.status().get(host).is_some_and(|s| s.forced);
         let now = unix_now();
         if let Some(stored) = stored_certificate(certs_dir, host) {
             if !forced && stored.not_after > now && renewal_time(host, &stored, issuer) > now {
-                store.unlock(host, &self.owner);
                 acme.update(host, |s| s.state = "valid");
                 return None;
             }
@@ -322,12 +385,23 @@ impl AcmeService {
             s.forced = false;
         });
         info!("ACME {host}: ordering a certificate from `{}`", issuer.name);
-        let result = self.obtain(host, issuer, &store, accounts).await;
+        let result =
+            tokio::time::timeout(ORDER_TIMEOUT, self.obtain(host, issuer, &store, accounts))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(order::Failure {
+                        message: format!("the order took longer than {ORDER_TIMEOUT:?}"),
+                        retry_after: None,
+                    })
+                });
         let outcome = match result {
             Ok(issued) => {
                 match store.save_certificate(host, &issued.chain_pem, &issued.key_pem, &issued.meta)
                 {
-                    Ok(()) => Ok(issued.meta),
+                    Ok(()) => {
+                        store.remove_pending_order(host);
+                        Ok(issued.meta)
+                    }
                     Err(e) => Err((format!("storing the certificate: {e}"), None)),
                 }
             }
@@ -338,7 +412,6 @@ impl AcmeService {
                 Err((failure.message, failure.retry_after))
             }
         };
-        store.unlock(host, &self.owner);
         match outcome {
             Ok(meta) => {
                 self.live.metrics.record_acme_order(&issuer.name, true);
@@ -357,9 +430,7 @@ impl AcmeService {
                     s.last_error = None;
                     s.not_after = Some(meta.not_after);
                 });
-                let reloader = self.reloader.clone();
-                let trigger = format!("ACME certificate for {host}");
-                let _ = tokio::task::spawn_blocking(move || reloader.reload(&trigger, true)).await;
+                self.reload(&format!("ACME certificate for {host}")).await;
                 // A certificate due again at once (renewBefore longer than the CA's lifetime)
                 // must not turn into an order loop.
                 let stored = Stored {
@@ -372,7 +443,9 @@ impl AcmeService {
                          issues; next renewal in {:?}",
                         issuer.name, issuer.max_retry_interval
                     );
-                    let at = unix_now() + issuer.max_retry_interval.as_secs() as i64;
+                    let wait =
+                        i64::try_from(issuer.max_retry_interval.as_secs()).unwrap_or(MAX_SLEEP);
+                    let at = unix_now().saturating_add(wait);
                     acme.update(host, |s| s.retry_at = Some(at));
                     return Some(at);
                 }
@@ -435,7 +508,8 @@ impl AcmeService {
             .get(host)
             .map_or(1, |s| s.failures + 1);
         let wait = backoff(issuer, failures).max(retry_after.unwrap_or_default());
-        let at = unix_now() + wait.as_secs().max(1) as i64;
+        let at =
+            unix_now().saturating_add(i64::try_from(wait.as_secs().max(1)).unwrap_or(MAX_SLEEP));
         warn!(
             "ACME {host}: order from `{}` failed (attempt {failures}): {message}; retrying in {}s",
             issuer.name,

@@ -109,6 +109,8 @@ impl AcmeHttp {
 /// Request timeout for each call to the CA: a CA that accepts the connection and then stalls may
 /// not hold an order forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// ACME answers are small JSON documents and certificate chains.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 impl HttpClient for AcmeHttp {
     fn request(
@@ -118,16 +120,36 @@ impl HttpClient for AcmeHttp {
         let response = self.client.request(req);
         let retry_after = self.retry_after.clone();
         Box::pin(async move {
-            let response = tokio::time::timeout(REQUEST_TIMEOUT, response)
+            // Headers and body within the deadline, and the body bounded: a CA that stalls or
+            // streams without end must not hold the ACME service.
+            let whole = async {
+                let response = response
+                    .await
+                    .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+                let (parts, body) = response.into_parts();
+                let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                    body,
+                    MAX_RESPONSE_BYTES,
+                ))
                 .await
-                .map_err(|_| instant_acme::Error::Str("the ACME server did not answer in 30 s"))?
-                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
-            if let Some(at) = parse_retry_after(response.headers().get(http::header::RETRY_AFTER)) {
+                .map_err(instant_acme::Error::Other)?
+                .to_bytes();
+                Ok::<_, instant_acme::Error>((parts, body))
+            };
+            let (parts, body) = tokio::time::timeout(REQUEST_TIMEOUT, whole)
+                .await
+                .map_err(|_| {
+                    instant_acme::Error::Str("the ACME server did not answer in 30 s")
+                })??;
+            if let Some(at) = parse_retry_after(parts.headers.get(http::header::RETRY_AFTER)) {
                 if let Ok(mut slot) = retry_after.lock() {
                     *slot = Some(at);
                 }
             }
-            Ok(BytesResponse::from(response))
+            Ok(BytesResponse {
+                parts,
+                body: Box::new(body),
+            })
         })
     }
 }
@@ -154,11 +176,9 @@ pub async fn account(
     http: &AcmeHttp,
 ) -> Result<Account, Failure> {
     let stored = store.account(&issuer.name).map_err(Failure::new)?;
+    let other_directory = stored.is_some();
     if let Some(stored) = stored.filter(|s| s.directory_url == issuer.directory_url) {
-        return Account::builder_with_http(Box::new(http.clone()))
-            .from_credentials(stored.credentials)
-            .await
-            .map_err(|e| failure(http, format!("restoring the ACME account: {e}"), &e));
+        return restore(stored, http).await;
     }
     let contact = issuer.email.as_ref().map(|e| format!("mailto:{e}"));
     let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
@@ -195,21 +215,36 @@ pub async fn account(
         )
         .await
         .map_err(|e| failure(http, format!("registering an ACME account: {e}"), &e))?;
-    store
+    let saved = store
         .save_account(
             &issuer.name,
             &StoredAccount {
                 directory_url: issuer.directory_url.clone(),
                 credentials,
             },
+            other_directory,
         )
         .map_err(Failure::new)?;
+    if !saved {
+        // A replica registered at the same moment and stored its account first: use that one.
+        match store.account(&issuer.name).map_err(Failure::new)? {
+            Some(stored) => return restore(stored, http).await,
+            None => return Err(Failure::new("the stored ACME account disappeared")),
+        }
+    }
     log::info!(
         "ACME issuer `{}`: registered account {}",
         issuer.name,
         account.id()
     );
     Ok(account)
+}
+
+async fn restore(stored: StoredAccount, http: &AcmeHttp) -> Result<Account, Failure> {
+    Account::builder_with_http(Box::new(http.clone()))
+        .from_credentials(stored.credentials)
+        .await
+        .map_err(|e| failure(http, format!("restoring the ACME account: {e}"), &e))
 }
 
 fn failure(http: &AcmeHttp, message: String, error: &instant_acme::Error) -> Failure {
@@ -237,6 +272,8 @@ pub async fn obtain(
     store: &Store,
     challenges: &Challenges,
 ) -> Result<Issued, Failure> {
+    // A wait the CA asked for during an earlier order says nothing about this one.
+    let _ = http.take_retry_after();
     let on = |what: &str, e: instant_acme::Error| failure(http, format!("{what}: {e}"), &e);
     let pending = store
         .pending_order(host)
@@ -254,9 +291,16 @@ pub async fn obtain(
                     resumed = Some((order, pending.key_pem));
                 }
             }
-            Err(e) => log::info!("ACME {host}: stored order unusable ({e}); placing a new one"),
+            // The CA no longer knows it (expired, deleted): start over.
+            Err(e @ instant_acme::Error::Api(_)) => {
+                log::info!("ACME {host}: stored order unusable ({e}); placing a new one")
+            }
+            // The CA is unreachable: keep the order for the next attempt.
+            Err(e) => return Err(on("fetching the stored order", e)),
         }
-        store.remove_pending_order(host);
+        if resumed.is_none() {
+            store.remove_pending_order(host);
+        }
     }
     let (mut order, key_pem) = match resumed {
         Some(resumed) => resumed,
@@ -280,7 +324,7 @@ pub async fn obtain(
         )
         .map_err(Failure::new)?;
     if order.state().status == OrderStatus::Pending {
-        let published = answer_challenges(host, issuer, &mut order, store, challenges).await;
+        let published = answer_challenges(host, issuer, http, &mut order, store, challenges).await;
         let status = match published {
             Ok(()) => order
                 .poll_ready(&polling())
@@ -314,7 +358,8 @@ pub async fn obtain(
         store.remove_pending_order(host);
         Failure::new(message)
     })?;
-    store.remove_pending_order(host);
+    // The pending order stays until the certificate is stored: if storing fails, the next
+    // attempt downloads it again instead of ordering another.
     Ok(Issued {
         chain_pem,
         key_pem,
@@ -333,6 +378,7 @@ fn polling() -> RetryPolicy {
 async fn answer_challenges(
     host: &str,
     issuer: &AcmeIssuer,
+    http: &AcmeHttp,
     order: &mut Order,
     store: &Store,
     challenges: &Challenges,
@@ -343,8 +389,8 @@ async fn answer_challenges(
     };
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
-        let mut authorization =
-            authorization.map_err(|e| Failure::new(format!("fetching authorizations: {e}")))?;
+        let mut authorization = authorization
+            .map_err(|e| failure(http, format!("fetching authorizations: {e}"), &e))?;
         match authorization.status {
             AuthorizationStatus::Valid => continue,
             AuthorizationStatus::Pending => {}
@@ -372,7 +418,7 @@ async fn answer_challenges(
         challenge
             .set_ready()
             .await
-            .map_err(|e| Failure::new(format!("announcing the challenge: {e}")))?;
+            .map_err(|e| failure(http, format!("announcing the challenge: {e}"), &e))?;
     }
     Ok(())
 }
@@ -465,6 +511,12 @@ fn check_issued(
     let now = unix_now();
     if validity.not_after.timestamp() <= now {
         return Err("the issued certificate has already expired".into());
+    }
+    if validity.not_before.timestamp() > now + crate::tls::CLOCK_SKEW.as_secs() as i64 {
+        return Err(format!(
+            "the issued certificate is not valid before {} (is this machine's clock right?)",
+            validity.not_before
+        ));
     }
     Ok(CertificateMeta {
         issuer: issuer.name.clone(),

@@ -7,6 +7,8 @@
 //! replica, the watcher) sees the old file or the new one, never half of one. Secrets are 0600.
 
 use std::io::Write;
+
+use crate::files::{write_whole, IfExists};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,28 +33,9 @@ pub fn is_safe_file_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename) with `mode`.
+/// Replaces `path` with `bytes`, whole (see [`crate::files::write_whole`]).
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}.{}", std::process::id(), fastrand::u32(..)));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()
-    })();
-    match written.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    write_whole(path, bytes, mode, IfExists::Replace).map(|_| ())
 }
 
 pub fn unix_now() -> i64 {
@@ -146,8 +129,24 @@ impl Store {
         Self::read_json(&self.account_path(issuer))
     }
 
-    pub fn save_account(&self, issuer: &str, account: &StoredAccount) -> Result<(), String> {
-        Self::write_json(&self.account_path(issuer), account, 0o600)
+    /// Stores a newly registered account. Unless `replace` (the stored one is for another
+    /// directory), an account a replica stored meanwhile wins: returns false, and the caller uses
+    /// that one, so all replicas share one account.
+    pub fn save_account(
+        &self,
+        issuer: &str,
+        account: &StoredAccount,
+        replace: bool,
+    ) -> Result<bool, String> {
+        let path = self.account_path(issuer);
+        let bytes = serde_json::to_vec_pretty(account).map_err(|e| e.to_string())?;
+        let if_exists = if replace {
+            IfExists::Replace
+        } else {
+            IfExists::Keep
+        };
+        write_whole(&path, &bytes, 0o600, if_exists)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     fn order_path(&self, host: &str) -> PathBuf {
@@ -246,14 +245,17 @@ impl Store {
                 Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
             }
             // A lock being written right now reads as empty: treat it as held for a moment.
-            let held: Option<LockLease> = Self::read_json(&path).ok().flatten();
+            let held_bytes = std::fs::read(&path).unwrap_or_default();
+            let held: Option<LockLease> = serde_json::from_slice(&held_bytes).ok();
             match held {
                 Some(lease) if lease.owner == owner => {
                     write_atomically(&path, &bytes, 0o644)
                         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                     return Ok(Lock::Acquired);
                 }
-                Some(lease) if lease.expires_at > unix_now() => {
+                Some(lease)
+                    if lease.expires_at > unix_now() && !owner_is_gone(&lease.owner, owner) =>
+                {
                     return Ok(Lock::HeldBy(lease.owner, lease.expires_at))
                 }
                 None if modified_within(&path, Duration::from_secs(10)) => {
@@ -261,14 +263,31 @@ impl Store {
                 }
                 _ => {
                     log::warn!(
-                        "ACME lock {} expired: taking it over (its owner stopped mid-order?)",
+                        "ACME lock {} is stale: taking it over (its owner stopped mid-order)",
                         path.display()
                     );
-                    let _ = std::fs::remove_file(&path);
+                    self.take_over(&path, &held_bytes)?;
                 }
             }
         }
         Ok(Lock::HeldBy("(another replica)".into(), unix_now() + 10))
+    }
+
+    /// Moves a stale lease aside, atomically: of two replicas taking it over at once, only one
+    /// moves the stale file; the other may move the winner's fresh lease instead, notices by its
+    /// content, and puts it back.
+    fn take_over(&self, path: &Path, stale: &[u8]) -> Result<(), String> {
+        let aside = path.with_extension(format!("stale.{:08x}", fastrand::u32(..)));
+        if std::fs::rename(path, &aside).is_err() {
+            return Ok(()); // Already moved by the other replica: compete on creating it.
+        }
+        let moved = std::fs::read(&aside).unwrap_or_default();
+        if moved != stale {
+            // Not the stale lease: someone's fresh one. Restore it unless another appeared.
+            let _ = std::fs::hard_link(&aside, path);
+        }
+        let _ = std::fs::remove_file(&aside);
+        Ok(())
     }
 
     pub fn unlock(&self, host: &str, owner: &str) {
@@ -279,6 +298,20 @@ impl Store {
             }
         }
     }
+}
+
+/// A lease held by a process on this machine that no longer runs (a restart) need not be waited
+/// out. Owners read `hostname:pid:random`.
+fn owner_is_gone(holder: &str, me: &str) -> bool {
+    let mut theirs = holder.split(':');
+    let mut mine = me.split(':');
+    let (Some(their_host), Some(their_pid)) = (theirs.next(), theirs.next()) else {
+        return false;
+    };
+    if Some(their_host) != mine.next() || their_pid.parse::<u32>().is_err() {
+        return false;
+    }
+    !Path::new("/proc").join(their_pid).exists()
 }
 
 fn modified_within(path: &Path, within: Duration) -> bool {
