@@ -360,29 +360,28 @@ impl Validator<'_> {
             }
         };
         const DAY: u64 = 86_400;
-        let mut duration = |field: &str,
-                            value: &Option<String>,
-                            default: Duration,
-                            max_days: u64| match value {
-            None => default,
-            Some(text) => match parse_duration(text) {
-                Some(d)
-                    if d >= Duration::from_secs(1) && d <= Duration::from_secs(max_days * DAY) =>
-                {
-                    d
-                }
-                _ => {
-                    self.error(
-                        at(field),
-                        format!(
+        let mut duration =
+            |field: &str, value: &Option<String>, default: Duration, max_days: u64| match value {
+                None => default,
+                Some(text) => match parse_duration(text) {
+                    Some(d)
+                        if d >= Duration::from_secs(1)
+                            && d <= Duration::from_secs(max_days * DAY) =>
+                    {
+                        d
+                    }
+                    _ => {
+                        self.error(
+                            at(field),
+                            format!(
                             "`{text}` is not a duration between 1s and {}h (examples: 30s, 720h)",
                             max_days * 24
                         ),
-                    );
-                    default
-                }
-            },
-        };
+                        );
+                        default
+                    }
+                },
+            };
         let renew_before = spec
             .renew_before
             .as_ref()
