@@ -195,6 +195,16 @@ async fn metrics(gw: &TestGateway) -> Result<String> {
         .await?)
 }
 
+fn is_rsa(certificate: &Path) -> Result<bool> {
+    let pem = std::fs::read(certificate)?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)?;
+    let cert = pem.parse_x509()?;
+    Ok(matches!(
+        cert.public_key().parsed(),
+        Ok(x509_parser::public_key::PublicKey::RSA(_))
+    ))
+}
+
 fn mode(path: &Path) -> Result<u32> {
     use std::os::unix::fs::PermissionsExt;
     Ok(std::fs::metadata(path)?.permissions().mode() & 0o777)
@@ -245,11 +255,20 @@ async fn tls_alpn01_certificate_and_the_account_is_reused_on_restart() -> Result
     let (http, https) = (free_port(), free_port());
     let pebble = Pebble::start(free_port(), free_port(), https, &[])?;
     let host = "alpn.acme.test";
-    let config = acme_config(http, https, host, &issuer(&pebble, "tls-alpn-01", ""));
+    let config = acme_config(
+        http,
+        https,
+        host,
+        &issuer(&pebble, "tls-alpn-01", ", keyType: RSA_2048"),
+    );
     let mut gw = TestGateway::start(&config, &[http, https])?;
     let root = pebble.root().await?;
     wait_for_certificate(&gw, host, Duration::from_secs(90)).await?;
     assert_eq!(served_under(&root, host, https).await?, 404);
+    assert!(
+        is_rsa(&gw.dir.path().join(format!("certs/{host}.crt")))?,
+        "keyType: RSA_2048 gave another key"
+    );
     let account_file = gw.dir.path().join("certs/acme/accounts/pebble.json");
     let account = std::fs::read(&account_file)?;
     let certificate = std::fs::read(gw.dir.path().join(format!("certs/{host}.crt")))?;
@@ -262,7 +281,7 @@ async fn tls_alpn01_certificate_and_the_account_is_reused_on_restart() -> Result
         http,
         https,
         &format!("{host}, {second}"),
-        &issuer(&pebble, "tls-alpn-01", ""),
+        &issuer(&pebble, "tls-alpn-01", ", keyType: RSA_2048"),
     );
     let gw = TestGateway::start_in(dir, &config, &[http, https])?;
     // The stored certificate serves at once, before any ACME traffic.

@@ -573,6 +573,7 @@ pub enum AcmeChallenge {
 pub enum AcmeKeyType {
     EcdsaP256,
     EcdsaP384,
+    Rsa2048,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -343,18 +343,11 @@ impl Validator<'_> {
         let key_type = match spec.key_type.as_deref() {
             None | Some("ECDSA_P256") => AcmeKeyType::EcdsaP256,
             Some("ECDSA_P384") => AcmeKeyType::EcdsaP384,
-            Some("RSA_2048") => {
-                self.error(
-                    at("keyType"),
-                    "RSA_2048 is not supported yet (Sluice's crypto library, ring, cannot generate \
-                     RSA keys): use ECDSA_P256, which every current client accepts",
-                );
-                AcmeKeyType::EcdsaP256
-            }
+            Some("RSA_2048") => AcmeKeyType::Rsa2048,
             Some(other) => {
                 self.error(
                     at("keyType"),
-                    format!("unknown keyType `{other}`: use ECDSA_P256 or ECDSA_P384"),
+                    format!("unknown keyType `{other}`: use ECDSA_P256, ECDSA_P384 or RSA_2048"),
                 );
                 AcmeKeyType::EcdsaP256
             }

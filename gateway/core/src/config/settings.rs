@@ -84,7 +84,7 @@ pub struct AcmeIssuerSpec {
     /// Renew this long before expiry (a duration: `720h`). Default: when a third of the lifetime is left.
     #[serde(default)]
     pub renew_before: Option<String>,
-    /// `ECDSA_P256` (default) or `ECDSA_P384`.
+    /// `ECDSA_P256` (default), `ECDSA_P384` or `RSA_2048` (for clients without ECDSA).
     #[serde(default)]
     pub key_type: Option<String>,
     /// First wait after a failed order (doubling up to `maxRetryInterval`). Default `1m`.

@@ -285,6 +285,10 @@ impl AcmeService {
             } else {
                 renew_at.unwrap_or(now).max(status.retry_at.unwrap_or(0))
             };
+            if let Some(stored) = &stored {
+                self.pick_up(&generation, host, stored.not_after, picked_up)
+                    .await;
+            }
             self.live.acme.update(host, |s| {
                 s.not_after = stored.as_ref().map(|s| s.not_after);
                 s.renew_at = renew_at;
@@ -298,10 +302,6 @@ impl AcmeService {
                     s.state = if stored.is_some() { "valid" } else { "pending" };
                 }
             });
-            if let Some(stored) = &stored {
-                self.pick_up(&generation, host, stored.not_after, picked_up)
-                    .await;
-            }
             if (due || status.forced) && when <= now {
                 let retry = self.order(host, issuer, &certs_dir, accounts).await;
                 next = next.min(retry.unwrap_or(next));
@@ -423,6 +423,8 @@ impl AcmeService {
                         .map(|t| t.to_rfc3339())
                         .unwrap_or_default()
                 );
+                // Served first, then reported: `valid` in the status means handshakes use it.
+                self.reload(&format!("ACME certificate for {host}")).await;
                 acme.update(host, |s| {
                     s.state = "valid";
                     s.failures = 0;
@@ -430,7 +432,6 @@ impl AcmeService {
                     s.last_error = None;
                     s.not_after = Some(meta.not_after);
                 });
-                self.reload(&format!("ACME certificate for {host}")).await;
                 // A certificate due again at once (renewBefore longer than the CA's lifetime)
                 // must not turn into an order loop.
                 let stored = Stored {

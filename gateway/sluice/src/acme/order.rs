@@ -444,6 +444,16 @@ fn new_private_key(key_type: AcmeKeyType) -> Result<String, Failure> {
     let algorithm = match key_type {
         AcmeKeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         AcmeKeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        AcmeKeyType::Rsa2048 => {
+            use rsa::pkcs8::EncodePrivateKey;
+            return rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+                .and_then(|key| {
+                    key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+                        .map_err(|e| rsa::Error::from(e))
+                })
+                .map(|pem| pem.to_string())
+                .map_err(|e| Failure::new(format!("generating an RSA key: {e}")));
+        }
     };
     rcgen::KeyPair::generate_for(algorithm)
         .map(|key| key.serialize_pem())
