@@ -449,7 +449,7 @@ fn new_private_key(key_type: AcmeKeyType) -> Result<String, Failure> {
             return rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
                 .and_then(|key| {
                     key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
-                        .map_err(|e| rsa::Error::from(e))
+                        .map_err(rsa::Error::from)
                 })
                 .map(|pem| pem.to_string())
                 .map_err(|e| Failure::new(format!("generating an RSA key: {e}")));
