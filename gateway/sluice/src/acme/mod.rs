@@ -11,7 +11,7 @@ mod challenge;
 mod order;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +24,13 @@ use sluice_core::model::{AcmeIssuer, Credential};
 use sluice_core::snapshot::{Snapshot, TlsServer};
 
 pub use challenge::{Challenges, ACME_TLS_ALPN, HTTP_CHALLENGE_PREFIX};
+use instant_acme::CertificateIdentifier;
+use rustls::pki_types::Der;
 use store::{unix_now, Lock, Store};
+
+fn ari_key(issuer: &AcmeIssuer) -> (String, String) {
+    (issuer.name.clone(), issuer.directory_url.clone())
+}
 
 use crate::reload::Reloader;
 use crate::state::Live;
@@ -140,6 +146,8 @@ impl Acme {
 struct Stored {
     not_before: i64,
     not_after: i64,
+    /// How ARI (RFC 9773) names it; `None` without an Authority Key Identifier.
+    id: Option<CertificateIdentifier<'static>>,
 }
 
 /// The stored certificate, checked as the TLS loader checks it (parses, matches its key, valid
@@ -148,9 +156,26 @@ fn stored_certificate(certs_dir: &std::path::Path, host: &str) -> Option<Stored>
     let (cert, key) = store::certificate_paths(certs_dir, host);
     let (certified, _, not_after) = crate::tls::load_key_pair(&cert, &key).ok()?;
     let (_, parsed) = x509_parser::parse_x509_certificate(certified.cert.first()?.as_ref()).ok()?;
+    let authority_key_id = parsed
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => None,
+        });
+    let id = authority_key_id.map(|aki| {
+        CertificateIdentifier::new(
+            Der::from_slice(aki),
+            Der::from_slice(parsed.tbs_certificate.raw_serial()),
+        )
+        .into_owned()
+    });
     Some(Stored {
         not_before: parsed.validity().not_before.timestamp(),
         not_after,
+        id,
     })
 }
 
@@ -240,14 +265,38 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// client and account).
 type Accounts = HashMap<String, (AcmeIssuer, order::AcmeHttp, instant_acme::Account)>;
 
+/// What the CA's renewal information (ARI) said about one certificate.
+struct AriAnswer {
+    /// The certificate it is about (its not-after).
+    certificate: i64,
+    /// A time inside the suggested window; `None` if the query failed.
+    renew_at: Option<i64>,
+    next_query: i64,
+}
+
+/// What the scheduler remembers between rounds.
+#[derive(Default)]
+struct Memory {
+    accounts: Accounts,
+    /// Stored certificates a reload was already run for (host → not-after).
+    picked_up: HashMap<String, i64>,
+    ari: HashMap<String, AriAnswer>,
+    /// Issuers (name and directory) whose CA offers no ARI.
+    no_ari: HashSet<(String, String)>,
+}
+
+/// ARI answers are asked again after the CA's Retry-After, kept within these bounds.
+const ARI_MIN_RECHECK: i64 = 60;
+const ARI_MAX_RECHECK: i64 = 86_400;
+const ARI_RETRY_AFTER_ERROR: i64 = 3600;
+
 #[async_trait]
 impl BackgroundService for AcmeService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut accounts = Accounts::new();
-        let mut picked_up = HashMap::new();
+        let mut memory = Memory::default();
         loop {
             let sleep_until = tokio::select! {
-                next = self.round(&mut accounts, &mut picked_up) => next,
+                next = self.round(&mut memory) => next,
                 _ = shutdown.changed() => return,
             };
             let wait = Duration::from_secs(sleep_until.saturating_sub(unix_now()).max(0) as u64);
@@ -262,7 +311,7 @@ impl BackgroundService for AcmeService {
 
 impl AcmeService {
     /// Looks at every managed host, orders what is due, and returns when to look again.
-    async fn round(&self, accounts: &mut Accounts, picked_up: &mut HashMap<String, i64>) -> i64 {
+    async fn round(&self, memory: &mut Memory) -> i64 {
         let generation = self.live.current();
         let certs_dir = generation.snapshot.settings.certs_dir.clone();
         let managed = managed_hosts(&generation.snapshot);
@@ -277,7 +326,16 @@ impl AcmeService {
         for (host, issuer) in &managed {
             let now = unix_now();
             let stored = stored_certificate(&certs_dir, host).filter(|s| s.not_after > now);
-            let renew_at = stored.as_ref().map(|s| renewal_time(host, s, issuer));
+            let mut renew_at = stored.as_ref().map(|s| renewal_time(host, s, issuer));
+            if let (Some(stored), Some(at)) = (&stored, renew_at) {
+                if at > now {
+                    // The CA may ask for an earlier renewal (a revocation coming, say).
+                    let suggested = self
+                        .ari_renewal(host, issuer, &certs_dir, stored, memory)
+                        .await;
+                    renew_at = Some(suggested.map_or(at, |s| s.min(at)));
+                }
+            }
             let status = self.live.acme.status().remove(host).unwrap_or_default();
             let due = renew_at.is_none_or(|at| at <= now);
             let when = if status.forced {
@@ -286,7 +344,7 @@ impl AcmeService {
                 renew_at.unwrap_or(now).max(status.retry_at.unwrap_or(0))
             };
             if let Some(stored) = &stored {
-                self.pick_up(&generation, host, stored.not_after, picked_up)
+                self.pick_up(&generation, host, stored.not_after, &mut memory.picked_up)
                     .await;
             }
             self.live.acme.update(host, |s| {
@@ -303,13 +361,94 @@ impl AcmeService {
                 }
             });
             if (due || status.forced) && when <= now {
-                let retry = self.order(host, issuer, &certs_dir, accounts).await;
+                let replaces = stored
+                    .as_ref()
+                    .filter(|_| !memory.no_ari.contains(&ari_key(issuer)))
+                    .filter(|_| memory.ari.get(host).is_some_and(|a| a.renew_at.is_some()))
+                    .and_then(|s| s.id.clone());
+                let retry = self
+                    .order(host, issuer, &certs_dir, &mut memory.accounts, replaces)
+                    .await;
                 next = next.min(retry.unwrap_or(next));
             } else {
                 next = next.min(when);
             }
         }
         next
+    }
+
+    /// When the CA's renewal information suggests renewing `stored`: a fixed random point of its
+    /// suggested window. Asked only with an existing account (not worth registering one for),
+    /// again after the CA's Retry-After; a CA without ARI is remembered and not asked again.
+    async fn ari_renewal(
+        &self,
+        host: &str,
+        issuer: &AcmeIssuer,
+        certs_dir: &std::path::Path,
+        stored: &Stored,
+        memory: &mut Memory,
+    ) -> Option<i64> {
+        let now = unix_now();
+        if memory.no_ari.contains(&ari_key(issuer)) {
+            return None;
+        }
+        if let Some(answer) = memory
+            .ari
+            .get(host)
+            .filter(|a| a.certificate == stored.not_after && now < a.next_query)
+        {
+            return answer.renew_at;
+        }
+        let id = stored.id.as_ref()?;
+        let store = Store::new(certs_dir);
+        let has_account = store
+            .account(&issuer.name)
+            .ok()
+            .flatten()
+            .is_some_and(|a| a.directory_url == issuer.directory_url);
+        if !has_account {
+            return None;
+        }
+        let (_, account) = self
+            .account(issuer, &store, &mut memory.accounts)
+            .await
+            .ok()?;
+        let (renew_at, next_query) = match account.renewal_info(id).await {
+            Ok((info, retry_after)) => {
+                let start = info.suggested_window.start.unix_timestamp();
+                let end = info.suggested_window.end.unix_timestamp().max(start);
+                // RFC 9773 4.2: a uniformly random time in the window, kept until the window
+                // changes (so each round does not draw again).
+                let seed = host.bytes().fold(start as u64, |h, b| {
+                    h.wrapping_mul(31).wrapping_add(u64::from(b))
+                });
+                let span = u64::try_from(end - start).unwrap_or(0);
+                let at = start + i64::try_from(seed % span.max(1)).unwrap_or(0);
+                let wait = i64::try_from(retry_after.as_secs()).unwrap_or(ARI_MAX_RECHECK);
+                (Some(at), now + wait.clamp(ARI_MIN_RECHECK, ARI_MAX_RECHECK))
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                info!(
+                    "ACME issuer `{}` offers no renewal information (ARI): renewing by expiry",
+                    issuer.name
+                );
+                memory.no_ari.insert(ari_key(issuer));
+                return None;
+            }
+            Err(e) => {
+                log::debug!("ACME {host}: renewal information unavailable: {e}");
+                (None, now + ARI_RETRY_AFTER_ERROR)
+            }
+        };
+        memory.ari.insert(
+            host.to_string(),
+            AriAnswer {
+                certificate: stored.not_after,
+                renew_at,
+                next_query,
+            },
+        );
+        renew_at
     }
 
     /// A certificate on disk that this generation does not serve (a replica stored it, and the
@@ -351,6 +490,7 @@ impl AcmeService {
         issuer: &AcmeIssuer,
         certs_dir: &std::path::Path,
         accounts: &mut Accounts,
+        replaces: Option<CertificateIdentifier<'static>>,
     ) -> Option<i64> {
         let acme = &self.live.acme;
         let store = Store::new(certs_dir);
@@ -385,15 +525,17 @@ impl AcmeService {
             s.forced = false;
         });
         info!("ACME {host}: ordering a certificate from `{}`", issuer.name);
-        let result =
-            tokio::time::timeout(ORDER_TIMEOUT, self.obtain(host, issuer, &store, accounts))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(order::Failure {
-                        message: format!("the order took longer than {ORDER_TIMEOUT:?}"),
-                        retry_after: None,
-                    })
-                });
+        let result = tokio::time::timeout(
+            ORDER_TIMEOUT,
+            self.obtain(host, issuer, &store, accounts, replaces),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(order::Failure {
+                message: format!("the order took longer than {ORDER_TIMEOUT:?}"),
+                retry_after: None,
+            })
+        });
         let outcome = match result {
             Ok(issued) => {
                 match store.save_certificate(host, &issued.chain_pem, &issued.key_pem, &issued.meta)
@@ -437,6 +579,7 @@ impl AcmeService {
                 let stored = Stored {
                     not_before: meta.not_before,
                     not_after: meta.not_after,
+                    id: None,
                 };
                 if renewal_time(host, &stored, issuer) <= unix_now() {
                     warn!(
@@ -462,7 +605,28 @@ impl AcmeService {
         issuer: &AcmeIssuer,
         store: &Store,
         accounts: &mut Accounts,
+        replaces: Option<CertificateIdentifier<'static>>,
     ) -> Result<order::Issued, order::Failure> {
+        let (http, account) = self.account(issuer, store, accounts).await?;
+        order::obtain(
+            host,
+            issuer,
+            &account,
+            &http,
+            store,
+            &self.live.acme.challenges,
+            replaces,
+        )
+        .await
+    }
+
+    /// The issuer's client and account: cached, else restored from storage or registered.
+    async fn account(
+        &self,
+        issuer: &AcmeIssuer,
+        store: &Store,
+        accounts: &mut Accounts,
+    ) -> Result<(order::AcmeHttp, instant_acme::Account), order::Failure> {
         let cached = accounts
             .get(&issuer.name)
             .filter(|(settings, _, _)| settings == issuer)
@@ -482,15 +646,7 @@ impl AcmeService {
                 (http, account)
             }
         };
-        order::obtain(
-            host,
-            issuer,
-            &account,
-            &http,
-            store,
-            &self.live.acme.challenges,
-        )
-        .await
+        Ok((http, account))
     }
 
     /// Records a failed order and returns when to try again.
@@ -552,6 +708,7 @@ mod tests {
         let stored = Stored {
             not_before: 0,
             not_after: 90 * day,
+            id: None,
         };
         let at = renewal_time("a.test", &stored, &issuer(None));
         assert!((60 * day - 3600..=60 * day).contains(&at), "{at}");

@@ -271,6 +271,7 @@ pub async fn obtain(
     http: &AcmeHttp,
     store: &Store,
     challenges: &Challenges,
+    replaces: Option<instant_acme::CertificateIdentifier<'static>>,
 ) -> Result<Issued, Failure> {
     // A wait the CA asked for during an earlier order says nothing about this one.
     let _ = http.take_retry_after();
@@ -306,10 +307,22 @@ pub async fn obtain(
         Some(resumed) => resumed,
         None => {
             let identifiers = [Identifier::Dns(host.to_string())];
-            let order = account
-                .new_order(&NewOrder::new(&identifiers))
-                .await
-                .map_err(|e| on("placing the order", e))?;
+            let placed = match replaces {
+                // Naming the certificate it replaces lets the CA exempt the order from rate
+                // limits (RFC 9773 5); a CA that refuses the hint gets a plain order.
+                Some(id) => match account
+                    .new_order(&NewOrder::new(&identifiers).replaces(id))
+                    .await
+                {
+                    Ok(order) => Ok(order),
+                    Err(e) => {
+                        log::info!("ACME {host}: order naming the replaced certificate refused ({e}); ordering without");
+                        account.new_order(&NewOrder::new(&identifiers)).await
+                    }
+                },
+                None => account.new_order(&NewOrder::new(&identifiers)).await,
+            };
+            let order = placed.map_err(|e| on("placing the order", e))?;
             (order, new_private_key(issuer.key_type)?)
         }
     };
