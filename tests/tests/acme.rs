@@ -293,6 +293,12 @@ async fn tls_alpn01_certificate_and_the_account_is_reused_on_restart() -> Result
         account,
         "account was registered again"
     );
+    // The stored certificate's renewal was checked with the CA's ARI; Pebble 2.4 has none.
+    assert!(
+        gw.log().contains("offers no renewal information (ARI)"),
+        "{}",
+        gw.log()
+    );
     assert_eq!(
         std::fs::read(gw.dir.path().join(format!("certs/{host}.crt")))?,
         certificate
