@@ -74,6 +74,20 @@ impl TlsListeners {
         let certs_dir = &snapshot.settings.certs_dir;
         let mut by_port = HashMap::new();
         let mut errors = Vec::new();
+        let acme_hosts = crate::acme::managed_hosts(snapshot);
+        for listener in snapshot.listeners() {
+            for server in &listener.tls.servers {
+                if let Some(Credential::Name(name)) = &server.tls.credential {
+                    if acme_hosts.contains_key(name) {
+                        errors.push(format!(
+                            "{}: {}: credentialName `{name}` names the files Sluice writes for the \
+                             ACME host {name} (certsDir/{name}.crt): rename the credential",
+                            server.tls.written, server.label
+                        ));
+                    }
+                }
+            }
+        }
         let mut certificate_expiry = Vec::new();
         for listener in snapshot.listeners() {
             let mut acceptors = Vec::new();
