@@ -94,6 +94,23 @@ async fn request_metrics_use_istio_names_labels_and_buckets() -> anyhow::Result<
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
+    // Endpoints per destination, as of the scrape: the empty subset is the one answering 503 UH.
+    for (service, version, count) in [
+        ("reviews.default.svc.cluster.local", "v1", 1.0),
+        ("dead.svc", "unknown", 1.0),
+        ("dead.svc", "none", 0.0),
+    ] {
+        let labels = [
+            ("destination_service", service),
+            ("destination_port", "80"),
+            ("destination_version", version),
+        ];
+        assert_eq!(
+            value(&all, "sluice_upstream_endpoints_healthy", &labels),
+            Some(count),
+            "{service} {version}"
+        );
+    }
     let v1 = [
         ("reporter", "source"),
         ("request_protocol", "http"),

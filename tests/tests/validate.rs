@@ -80,6 +80,9 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("acme bad renewBefore", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - name: le\n      directoryUrl: https://acme.test/dir\n      renewBefore: soon #<\n".into(), "is not a duration"),
         ("acme duplicate issuer", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - {name: le, directoryUrl: 'https://a.test/dir'}\n    - name: le #<\n      directoryUrl: https://b.test/dir\n".into(), "issuer `le` is defined twice"),
         ("acme unknown issuer field", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  acme:\n    issuers:\n    - name: le\n      directoryUrl: https://acme.test/dir\n      emial: ops@example.com #<\n".into(), "unknown field `emial`"),
+        ("tracing sampling over 100", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  tracing:\n    sampling: 150 #<\n    zipkin: {endpoint: 'http://z:9411/api/v2/spans'}\n".into(), "sampling 150 is a percentage"),
+        ("tracing without a collector", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  tracing: #<\n    sampling: 5\n".into(), "exactly one collector"),
+        ("tracing endpoint not a url", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  tracing:\n    opentelemetry:\n      endpoint: otel:4318 #<\n".into(), "is not an http(s) URL"),
         ("wildcard in the middle", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts:\n    - 'a.*.com' #<\n".into(), "a wildcard must be the whole first label"),
     ]
 }

@@ -545,6 +545,32 @@ pub struct Settings {
     pub upgrade_socket: std::path::PathBuf,
     pub access_log: Option<AccessLog>,
     pub acme_issuers: Vec<AcmeIssuer>,
+    pub tracing: Option<Tracing>,
+}
+
+/// `GatewaySettings.spec.tracing`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// Fraction (0–1) of new traces sampled.
+    pub sampling: f64,
+    pub service_name: String,
+    pub collector: Collector,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collector {
+    /// Zipkin v2 JSON.
+    Zipkin(http::Uri),
+    /// OTLP/HTTP with JSON encoding.
+    OpenTelemetry(http::Uri),
+}
+
+impl Collector {
+    pub fn endpoint(&self) -> &http::Uri {
+        match self {
+            Collector::Zipkin(uri) | Collector::OpenTelemetry(uri) => uri,
+        }
+    }
 }
 
 /// `GatewaySettings.spec.acme.issuers[]`, validated.
@@ -663,6 +689,7 @@ impl Default for Settings {
             upgrade_socket: "/tmp/sluice-upgrade.sock".into(),
             access_log: None,
             acme_issuers: Vec::new(),
+            tracing: None,
         }
     }
 }

@@ -273,6 +273,9 @@ impl Validator<'_> {
                 format: log.format.clone(),
             });
         }
+        if let Some(tracing) = &spec.tracing {
+            settings.tracing = self.tracing(tracing, &doc.origin);
+        }
         if let Some(acme) = &spec.acme {
             for (i, issuer) in acme.issuers.iter().enumerate() {
                 let base = format!("spec.acme.issuers[{i}]");
@@ -288,6 +291,67 @@ impl Validator<'_> {
             }
         }
         settings
+    }
+
+    fn tracing(
+        &mut self,
+        spec: &crate::config::settings::TracingSettings,
+        origin: &Origin,
+    ) -> Option<Tracing> {
+        let at = |field: &str| At {
+            origin,
+            path: format!("spec.tracing{field}"),
+        };
+        let sampling = spec.sampling.unwrap_or(1.0);
+        if !(0.0..=100.0).contains(&sampling) {
+            self.error(
+                at(".sampling"),
+                format!("sampling {sampling} is a percentage: between 0 and 100"),
+            );
+        }
+        let collector = match (&spec.zipkin, &spec.opentelemetry) {
+            (Some(zipkin), None) => self
+                .collector_endpoint(&zipkin.endpoint, at(".zipkin.endpoint"))
+                .map(Collector::Zipkin),
+            (None, Some(otel)) => self
+                .collector_endpoint(&otel.endpoint, at(".opentelemetry.endpoint"))
+                .map(Collector::OpenTelemetry),
+            _ => {
+                self.error(
+                    at(""),
+                    "tracing needs exactly one collector: `zipkin` or `opentelemetry` (each with \
+                     an `endpoint`)",
+                );
+                None
+            }
+        };
+        Some(Tracing {
+            sampling: sampling.clamp(0.0, 100.0) / 100.0,
+            service_name: spec
+                .service_name
+                .clone()
+                .unwrap_or_else(|| "sluice".to_string()),
+            collector: collector?,
+        })
+    }
+
+    fn collector_endpoint(&mut self, endpoint: &str, at: At<'_>) -> Option<http::Uri> {
+        match endpoint.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() =>
+            {
+                Some(uri)
+            }
+            _ => {
+                self.error(
+                    at,
+                    format!(
+                        "`{endpoint}` is not an http(s) URL (example: http://zipkin:9411/api/v2/spans)"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn acme_issuer(

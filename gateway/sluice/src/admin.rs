@@ -51,6 +51,10 @@ async fn readyz(State(live): State<Arc<Live>>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    state
+        .live
+        .metrics
+        .record_upstream_endpoints(&state.live.current().snapshot, &state.live.dns);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.live.metrics.render(),

@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
+pub mod spans;
 pub mod state;
 pub mod tls;
 pub mod upstream;

@@ -14,6 +14,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use sluice_core::model::ServiceKey;
+use sluice_core::snapshot::{Snapshot, UpstreamEndpoint};
 
 use crate::tls::CertificateExpiry;
 
@@ -75,6 +76,8 @@ pub struct Metrics {
     tls_handshakes: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
     acme_orders: IntCounterVec,
+    spans: IntCounterVec,
+    upstream_endpoints: IntGaugeVec,
 }
 
 impl Metrics {
@@ -185,8 +188,29 @@ impl Metrics {
             ),
             &["issuer", "result"],
         )?;
+        let spans = IntCounterVec::new(
+            Opts::new(
+                "sluice_tracing_spans_total",
+                "Sampled request spans, by what became of them (exported|dropped|failed).",
+            ),
+            &["result"],
+        )?;
+        let upstream_endpoints = IntGaugeVec::new(
+            Opts::new(
+                "sluice_upstream_endpoints_healthy",
+                "Endpoints each destination can be sent to (resolved; Sluice has no active health \
+                 checks yet, so every resolved endpoint counts). 0: requests get 503 UH.",
+            ),
+            &[
+                "destination_service",
+                "destination_port",
+                "destination_version",
+            ],
+        )?;
         for collector in [
             Box::new(access_log_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_endpoints.clone()),
+            Box::new(spans.clone()),
             Box::new(acme_orders.clone()),
             Box::new(certificate_not_after.clone()),
             Box::new(connections_active.clone()),
@@ -222,6 +246,8 @@ impl Metrics {
             tls_handshakes,
             tls_handshake_failures,
             acme_orders,
+            spans,
+            upstream_endpoints,
         })
     }
 
@@ -261,6 +287,35 @@ impl Metrics {
     pub fn record_acme_order(&self, issuer: &str, success: bool) {
         let result = if success { "success" } else { "failure" };
         self.acme_orders.with_label_values(&[issuer, result]).inc();
+    }
+
+    /// Counts, at scrape time, the endpoints each destination of the serving config has now.
+    pub fn record_upstream_endpoints(&self, snapshot: &Snapshot, dns: &crate::dns::DnsCache) {
+        self.upstream_endpoints.reset();
+        for cluster in snapshot.clusters() {
+            let count: usize = cluster
+                .endpoints
+                .iter()
+                .map(|endpoint| match endpoint {
+                    UpstreamEndpoint::Addr(_) => 1,
+                    UpstreamEndpoint::Dns { slot, .. } => snapshot
+                        .dns_names()
+                        .get(*slot)
+                        .and_then(|name| dns.addresses(name))
+                        .map_or(0, |ips| ips.len()),
+                })
+                .sum();
+            let [service, _, _, version] = destination_labels(Some(&cluster.key));
+            self.upstream_endpoints
+                .with_label_values(&[&service, &cluster.key.port.to_string(), &version])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn record_spans(&self, result: &str, count: usize) {
+        self.spans
+            .with_label_values(&[result])
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -49,6 +49,10 @@ pub struct RequestCtx {
     request_id: Option<HeaderValue>,
     /// The endpoint the request was sent to.
     upstream: Option<std::net::SocketAddr>,
+    /// This hop in the request's trace, when tracing is configured.
+    trace: Option<crate::spans::TraceContext>,
+    /// Wall-clock start, for the span.
+    started_at: Option<std::time::SystemTime>,
 }
 
 impl RequestCtx {
@@ -294,6 +298,68 @@ impl GatewayProxy {
             .await
     }
 
+    /// One server span for a sampled request, named as Istio names gateway spans
+    /// (`<destination host>:<port>/*`), with Envoy's tags.
+    fn export_span(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        trace: &crate::spans::TraceContext,
+        status: u16,
+        flag: ResponseFlag,
+        millis: f64,
+    ) {
+        let Some(queue) = self.live.spans.get() else {
+            return;
+        };
+        let request = session.req_header();
+        let authority = request_info(request, self.port, self.scheme()).authority;
+        let name = match ctx.target() {
+            Some(target) => format!("{}:{}/*", target.service.host, target.service.port),
+            None => format!("{authority}/*"),
+        };
+        let mut tags = vec![
+            ("component", "proxy".to_string()),
+            ("http.method", request.method.to_string()),
+            (
+                "http.url",
+                format!("{}://{authority}{}", self.scheme(), request.uri.path()),
+            ),
+            (
+                "http.protocol",
+                if session.is_http2() {
+                    "HTTP/2"
+                } else {
+                    "HTTP/1.1"
+                }
+                .to_string(),
+            ),
+            ("http.status_code", status.to_string()),
+            ("response_flags", flag.as_str().to_string()),
+        ];
+        if let Some(id) = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()) {
+            tags.push(("guid:x-request-id", id.to_string()));
+        }
+        if let Some(target) = ctx.target() {
+            tags.push(("upstream_cluster", target.service.to_string()));
+        }
+        if let Some(upstream) = ctx.upstream {
+            tags.push(("upstream_address", upstream.to_string()));
+        }
+        if status >= 500 {
+            tags.push(("error", "true".to_string()));
+        }
+        let span = crate::spans::Span {
+            context: trace.clone(),
+            name,
+            start: ctx.started_at.unwrap_or_else(std::time::SystemTime::now),
+            duration: std::time::Duration::from_secs_f64(millis.max(0.0) / 1000.0),
+            status,
+            tags,
+        };
+        queue.submit(span, &self.live);
+    }
+
     fn scheme(&self) -> &'static str {
         if self.tls {
             "https"
@@ -374,6 +440,13 @@ impl ProxyHttp for GatewayProxy {
         let generation = self.live.current();
         normalize_request_path(session.req_header_mut())?;
         ctx.request_id = ensure_request_id(session.req_header_mut())?;
+        if let Some(tracing) = &generation.snapshot.settings.tracing {
+            ctx.trace = Some(crate::spans::TraceContext::from_request(
+                &session.req_header().headers,
+                tracing.sampling,
+            ));
+            ctx.started_at = Some(std::time::SystemTime::now());
+        }
         // Before routing and https redirects: the CA validates over plain HTTP, whatever the
         // routes say. A token Sluice does not know falls through to the routes.
         if !self.tls {
@@ -541,6 +614,18 @@ impl ProxyHttp for GatewayProxy {
             upstream_request.insert_header("x-envoy-external-address", external.to_string())?;
         }
         upstream_request.insert_header("x-forwarded-proto", self.scheme())?;
+        if let (Some(trace), Some(generation)) = (&ctx.trace, &ctx.generation) {
+            let zipkin = matches!(
+                generation
+                    .snapshot
+                    .settings
+                    .tracing
+                    .as_ref()
+                    .map(|t| &t.collector),
+                Some(sluice_core::model::Collector::Zipkin(_))
+            );
+            trace.propagate(upstream_request, zipkin)?;
+        }
         // An absolute-form request (`GET http://host/path`) is routed by its authority; the
         // upstream must see that host too, as Envoy does.
         if !session.is_http2() {
@@ -645,13 +730,18 @@ impl ProxyHttp for GatewayProxy {
             request_bytes,
             response_bytes,
         );
+        if let Some(trace) = ctx.trace.as_ref().filter(|t| t.sampled) {
+            self.export_span(session, ctx, trace, code, flag, millis);
+        }
         if let Some(logger) = self.live.access_log.get() {
             let request = session.req_header();
             let authority = request_info(request, self.port, self.scheme()).authority;
             let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
             // W3C `traceparent` is `00-<trace id>-<span id>-<flags>`; B3 carries it alone.
-            let trace_id = header("traceparent")
-                .and_then(|t| t.split('-').nth(1))
+            let own_trace = ctx.trace.as_ref().map(|t| t.trace_id_hex());
+            let trace_id = own_trace
+                .as_deref()
+                .or_else(|| header("traceparent").and_then(|t| t.split('-').nth(1)))
                 .or_else(|| header("x-b3-traceid"));
             logger.log(&crate::access_log::Entry {
                 client_address: client_ip(session).map(|ip| ip.to_string()),

@@ -103,6 +103,9 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         let _ = live.access_log.set(logger);
         server.add_service(background_service("access log", writer));
     }
+    let (spans, span_sender) = crate::spans::SpanQueue::new(live.clone());
+    let _ = live.spans.set(spans);
+    server.add_service(background_service("span export", span_sender));
     let reloader = Arc::new(Reloader::new(
         startup.paths.clone(),
         live.clone(),

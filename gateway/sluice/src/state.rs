@@ -80,6 +80,8 @@ pub struct Live {
     pub access_log: std::sync::OnceLock<Arc<crate::access_log::AccessLogger>>,
     /// Certificates Sluice obtains itself: challenge answers and per-host order state.
     pub acme: crate::acme::Acme,
+    /// Sampled spans on their way to the collector (set at start; tracing may be enabled later).
+    pub spans: std::sync::OnceLock<Arc<crate::spans::SpanQueue>>,
     /// Listeners are bound and serving (Pingora reached its running phase).
     serving: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so the balancer moves away.
@@ -104,6 +106,7 @@ impl Live {
             dns: DnsCache::default(),
             access_log: std::sync::OnceLock::new(),
             acme: crate::acme::Acme::default(),
+            spans: std::sync::OnceLock::new(),
             metrics,
             status: Mutex::new(ReloadStatus {
                 generation: 1,

@@ -288,6 +288,39 @@ pub(crate) fn load_key_pair(
     Ok((certified, key, not_after))
 }
 
+/// The rustls client settings for Sluice's own HTTPS calls (ACME, span export): trusting the CAs
+/// in `ca_bundle`, else the Mozilla roots (so an image needs no system CA store).
+pub fn client_config(ca_bundle: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    match ca_bundle {
+        Some(path) => {
+            for cert in read_certificates(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(client_config_with_roots(roots))
+}
+
+pub fn client_config_with_roots(roots: RootCertStore) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map(|builder| {
+            builder
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth()
+        })
+        // The default provider supports the default versions; this cannot fail.
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        })
+}
+
 /// How far in the future a certificate's not-before may be: clocks differ a little between a CA
 /// and this machine (Let's Encrypt backdates by an hour; Pebble does not).
 pub const CLOCK_SKEW: Duration = Duration::from_secs(300);

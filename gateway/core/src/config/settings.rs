@@ -54,6 +54,33 @@ pub struct GatewaySettingsSpec {
     /// Certificate issuers for Gateway servers whose `credentialName` is `acme:<issuer>`.
     #[serde(default)]
     pub acme: Option<AcmeSettings>,
+    /// Spans for sampled requests, sent to a Zipkin or OpenTelemetry collector. Off unless set.
+    #[serde(default)]
+    pub tracing: Option<TracingSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSettings {
+    /// Percentage of new traces sampled, as Istio's `tracing.sampling` (0–100). Default 1.
+    /// A sampling decision that arrives with the request (`traceparent`, `x-b3-sampled`) is kept.
+    #[serde(default)]
+    pub sampling: Option<f64>,
+    /// `service.name` of the spans. Default `sluice`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    #[serde(default)]
+    pub zipkin: Option<CollectorSettings>,
+    #[serde(default)]
+    pub opentelemetry: Option<CollectorSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CollectorSettings {
+    /// Zipkin: `http://HOST:9411/api/v2/spans`; OpenTelemetry (OTLP/HTTP, JSON):
+    /// `http://HOST:4318/v1/traces`.
+    pub endpoint: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

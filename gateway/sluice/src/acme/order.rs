@@ -60,30 +60,8 @@ pub struct AcmeHttp {
 impl AcmeHttp {
     /// Trusts `issuer.caBundle` when set, else the Mozilla roots (so the image needs no CA store).
     pub fn new(issuer: &AcmeIssuer) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &issuer.ca_bundle {
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("caBundle {}: {e}", path.display()))?;
-                if certs.is_empty() {
-                    return Err(format!("caBundle {} holds no certificate", path.display()));
-                }
-                for cert in certs {
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("caBundle {}: {e}", path.display()))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = crate::tls::client_config(issuer.ca_bundle.as_deref())
+            .map_err(|e| format!("caBundle: {e}"))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_only()
