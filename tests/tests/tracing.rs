@@ -225,6 +225,17 @@ async fn opentelemetry_spans_follow_the_sampling_rate_and_incoming_decisions() -
         // W3C only: no B3 headers are invented for an OpenTelemetry collector.
         assert_eq!(r.request_header("x-b3-traceid"), None);
     }
+    // `tracestate` travels with the traceparent it belongs to, never with a trace Sluice started.
+    let unsampled = format!("00-{TRACE}-{PARENT}-00");
+    let r = get_with(
+        port,
+        "app.test",
+        &[("traceparent", &unsampled), ("tracestate", "a=1")],
+    )
+    .await?;
+    assert_eq!(r.request_header("tracestate"), Some("a=1"));
+    let r = get_with(port, "app.test", &[("tracestate", "a=1")]).await?;
+    assert_eq!(r.request_header("tracestate"), None);
     // A caller's sampled decision wins over the rate; B3 callers are answered in B3.
     let r = get_with(
         port,

@@ -325,6 +325,13 @@ impl Validator<'_> {
                 None
             }
         };
+        if spec
+            .service_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            self.error(at(".serviceName"), "serviceName is empty");
+        }
         Some(Tracing {
             sampling: sampling.clamp(0.0, 100.0) / 100.0,
             service_name: spec
@@ -338,15 +345,18 @@ impl Validator<'_> {
     fn collector_endpoint(&mut self, endpoint: &str, at: At<'_>) -> Option<http::Uri> {
         match endpoint.parse::<http::Uri>() {
             Ok(uri)
-                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() =>
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some()
+                    && uri.path() != "/" =>
             {
                 Some(uri)
             }
             _ => {
                 self.error(
                     at,
-                    format!(
-                        "`{endpoint}` is not an http(s) URL (example: http://zipkin:9411/api/v2/spans)"
+                                        format!(
+                        "`{endpoint}` is not an http(s) URL with the collector's path (Zipkin: \
+                         http://zipkin:9411/api/v2/spans, OpenTelemetry: http://otel:4318/v1/traces)"
                     ),
                 );
                 None

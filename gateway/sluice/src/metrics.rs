@@ -78,6 +78,7 @@ pub struct Metrics {
     acme_orders: IntCounterVec,
     spans: IntCounterVec,
     upstream_endpoints: IntGaugeVec,
+    upstream_endpoints_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl Metrics {
@@ -195,6 +196,10 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        // Present from the start, so an alert on a rate of failures has a series to read.
+        for result in ["exported", "dropped", "failed"] {
+            spans.with_label_values(&[result]);
+        }
         let upstream_endpoints = IntGaugeVec::new(
             Opts::new(
                 "sluice_upstream_endpoints_healthy",
@@ -248,6 +253,7 @@ impl Metrics {
             acme_orders,
             spans,
             upstream_endpoints,
+            upstream_endpoints_lock: Arc::default(),
         })
     }
 
@@ -291,6 +297,8 @@ impl Metrics {
 
     /// Counts, at scrape time, the endpoints each destination of the serving config has now.
     pub fn record_upstream_endpoints(&self, snapshot: &Snapshot, dns: &crate::dns::DnsCache) {
+        // Reset and refill as one step: a concurrent scrape must not see the gauge half empty.
+        let _one_at_a_time = self.upstream_endpoints_lock.lock();
         self.upstream_endpoints.reset();
         for cluster in snapshot.clusters() {
             let count: usize = cluster

@@ -31,6 +31,9 @@ pub struct GatewayProxy {
     pub tls: bool,
 }
 
+/// Longest client-supplied value put in a span tag (Envoy's default `max_path_tag_length`).
+const MAX_TAG_LENGTH: usize = 256;
+
 /// Per-request state: the generation this request uses from start to end, and what routing chose.
 #[derive(Default)]
 pub struct RequestCtx {
@@ -314,16 +317,29 @@ impl GatewayProxy {
         };
         let request = session.req_header();
         let authority = request_info(request, self.port, self.scheme()).authority;
+        // Client-controlled values are cut to Envoy's tag length (its max_path_tag_length), so a
+        // span stays small whatever the request carried.
+        let cut = |text: &str| -> String {
+            let mut end = text.len().min(MAX_TAG_LENGTH);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text[..end].to_string()
+        };
         let name = match ctx.target() {
             Some(target) => format!("{}:{}/*", target.service.host, target.service.port),
-            None => format!("{authority}/*"),
+            None => cut(&format!("{}/*", authority.to_ascii_lowercase())),
         };
         let mut tags = vec![
             ("component", "proxy".to_string()),
             ("http.method", request.method.to_string()),
             (
                 "http.url",
-                format!("{}://{authority}{}", self.scheme(), request.uri.path()),
+                cut(&format!(
+                    "{}://{authority}{}",
+                    self.scheme(),
+                    request.uri.path()
+                )),
             ),
             (
                 "http.protocol",
@@ -338,7 +354,7 @@ impl GatewayProxy {
             ("response_flags", flag.as_str().to_string()),
         ];
         if let Some(id) = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()) {
-            tags.push(("guid:x-request-id", id.to_string()));
+            tags.push(("guid:x-request-id", cut(id)));
         }
         if let Some(target) = ctx.target() {
             tags.push(("upstream_cluster", target.service.to_string()));

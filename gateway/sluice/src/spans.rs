@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
-use log::{debug, warn};
+use log::warn;
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -39,131 +39,166 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// This hop's place in a trace.
 #[derive(Debug, Clone)]
 pub struct TraceContext {
-    pub trace_id: [u8; 16],
+    pub trace_id: u128,
     /// Sluice's own span.
-    pub span_id: [u8; 8],
+    pub span_id: u64,
     /// The caller's span, when the request arrived inside a trace.
-    pub parent_id: Option<[u8; 8]>,
+    pub parent_id: Option<u64>,
     pub sampled: bool,
-    /// The request carried B3 headers: answer in kind.
+    /// B3 debug (`x-b3-flags: 1`, `b3: …-d`): sampled, and said so downstream.
+    debug: bool,
+    /// The request carried B3 headers: answer in kind (and replace them, never forward stale ones).
     b3: bool,
+    /// The caller's B3 trace id was 64-bit: keep that width.
+    b3_short_trace: bool,
+    /// The trace came from a valid `traceparent`, so its `tracestate` belongs to it.
+    w3c: bool,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `N` bytes from exactly `2N` hex digits (B3 allows a 64-bit trace id: left-padded with zeros).
-fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let text = text.trim();
-    if text.len() > 2 * N || text.len() & 1 == 1 || text.is_empty() {
+/// Exactly `len` lower-case hex digits (W3C allows no other form), not all zero.
+fn hex_id(text: &str, len: usize) -> Option<u128> {
+    let valid = text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !valid {
         return None;
     }
-    let mut out = [0u8; N];
-    let offset = N - text.len() / 2;
-    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-        let pair = std::str::from_utf8(chunk).ok()?;
-        out[offset + i] = u8::from_str_radix(pair, 16).ok()?;
-    }
-    // All-zero ids are invalid in both W3C and B3.
-    out.iter().any(|b| *b != 0).then_some(out)
+    u128::from_str_radix(text, 16).ok().filter(|id| *id != 0)
 }
 
-fn random<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    for byte in &mut out {
-        *byte = fastrand::u8(..);
-    }
-    if out.iter().all(|b| *b == 0) {
-        out[N - 1] = 1;
-    }
-    out
+fn span_id(text: &str) -> Option<u64> {
+    hex_id(text, 16).and_then(|id| u64::try_from(id).ok())
 }
 
-/// The trace context a request arrived with.
+/// What the request said about its trace.
+#[derive(Default)]
 struct Incoming {
-    trace_id: [u8; 16],
-    parent_id: [u8; 8],
-    /// The caller's sampling decision, if it sent one.
+    /// `(trace id, caller's span id)` from a valid context.
+    ids: Option<(u128, u64)>,
     sampled: Option<bool>,
+    debug: bool,
     b3: bool,
+    b3_short_trace: bool,
+    w3c: bool,
 }
 
-fn incoming(headers: &HeaderMap) -> Option<Incoming> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(parent) = header("traceparent") {
-        let parts: Vec<&str> = parent.trim().split('-').collect();
-        if let [version, trace, span, flags, ..] = parts[..] {
-            let flags = u8::from_str_radix(flags, 16).ok();
-            if version.len() == 2 && version != "ff" && trace.len() == 32 && span.len() == 16 {
-                if let (Some(trace), Some(span), Some(flags)) = (unhex(trace), unhex(span), flags) {
-                    return Some(Incoming {
-                        trace_id: trace,
-                        parent_id: span,
-                        sampled: Some(flags & 1 == 1),
-                        b3: false,
-                    });
-                }
-            }
-        }
+/// W3C `traceparent`: `version-traceid-parentid-flags`. One header only; version 00 has exactly
+/// four fields, later versions may add more; `ff` is invalid.
+fn traceparent(headers: &HeaderMap) -> Option<(u128, u64, bool)> {
+    let mut values = headers.get_all("traceparent").iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
     }
-    let sampled = |value: &str| match value {
-        "1" | "true" | "d" => Some(true),
+    let fields: Vec<&str> = value.split('-').collect();
+    let version = *fields.first()?;
+    let version_ok = hex_id(version, 2).is_some() || version == "00";
+    if !version_ok || version == "ff" || fields.len() < 4 || (version == "00" && fields.len() != 4)
+    {
+        return None;
+    }
+    let trace = hex_id(fields[1], 32)?;
+    let parent = span_id(fields[2])?;
+    let flags = fields[3];
+    if flags.len() != 2
+        || !flags
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    Some((trace, parent, sampled))
+}
+
+fn incoming(headers: &HeaderMap) -> Incoming {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut found = Incoming {
+        b3: headers
+            .keys()
+            .any(|k| k.as_str().starts_with("x-b3-") || k == "b3"),
+        ..Incoming::default()
+    };
+    if let Some((trace, parent, sampled)) = traceparent(headers) {
+        found.ids = Some((trace, parent));
+        found.sampled = Some(sampled);
+        found.w3c = true;
+        return found;
+    }
+    let b3_trace = |text: &str| hex_id(text, 32).or_else(|| hex_id(text, 16));
+    let decision = |value: &str| match value {
+        "1" | "true" => Some(true),
         "0" | "false" => Some(false),
         _ => None,
     };
+    if header("x-b3-flags") == Some("1") {
+        found.debug = true;
+        found.sampled = Some(true);
+    } else {
+        found.sampled = header("x-b3-sampled").and_then(decision);
+    }
     if let (Some(trace), Some(span)) = (header("x-b3-traceid"), header("x-b3-spanid")) {
-        let decision = if header("x-b3-flags") == Some("1") {
-            Some(true)
-        } else {
-            header("x-b3-sampled").and_then(sampled)
+        if let (Some(trace_id), Some(span)) = (b3_trace(trace), span_id(span)) {
+            found.ids = Some((trace_id, span));
+            found.b3_short_trace = trace.len() == 16;
+        }
+        return found;
+    }
+    // Single header: `0` | `1` | `d`, or `{trace}-{span}[-{sampling}[-{parent}]]`.
+    if let Some(single) = header("b3") {
+        let fields: Vec<&str> = single.split('-').collect();
+        let sampling = match fields.len() {
+            1 => fields.first().copied(),
+            _ => fields.get(2).copied(),
         };
-        return Some(Incoming {
-            trace_id: unhex(trace)?,
-            parent_id: unhex(span)?,
-            sampled: decision,
-            b3: true,
-        });
+        match sampling {
+            Some("d") => {
+                found.debug = true;
+                found.sampled = Some(true);
+            }
+            Some(value) => found.sampled = decision(value),
+            None => {}
+        }
+        if fields.len() >= 2 {
+            if let (Some(trace_id), Some(span)) = (b3_trace(fields[0]), span_id(fields[1])) {
+                found.ids = Some((trace_id, span));
+                found.b3_short_trace = fields[0].len() == 16;
+            }
+        }
     }
-    // Single-header B3: `{trace}-{span}[-{sampled}[-{parent}]]`.
-    let single: Vec<&str> = header("b3")?.trim().split('-').collect();
-    if single.len() >= 2 {
-        let decision = single.get(2).and_then(|s| sampled(s));
-        return Some(Incoming {
-            trace_id: unhex(single[0])?,
-            parent_id: unhex(single[1])?,
-            sampled: decision,
-            b3: true,
-        });
-    }
-    None
+    found
 }
 
 impl TraceContext {
-    /// Joins the request's trace, or starts one; `sampling` (0–1) decides where no decision
-    /// arrived.
+    /// Joins the request's trace, or starts one; `sampling` (0–1) decides where the caller did
+    /// not.
     pub fn from_request(headers: &HeaderMap, sampling: f64) -> Self {
-        let decide = || fastrand::f64() < sampling;
-        match incoming(headers) {
-            Some(incoming) => Self {
-                trace_id: incoming.trace_id,
-                span_id: random(),
-                parent_id: Some(incoming.parent_id),
-                sampled: incoming.sampled.unwrap_or_else(decide),
-                b3: incoming.b3,
-            },
-            None => Self {
-                trace_id: random(),
-                span_id: random(),
-                parent_id: None,
-                sampled: decide(),
-                b3: false,
-            },
+        let found = incoming(headers);
+        let sampled = found.sampled.unwrap_or_else(|| fastrand::f64() < sampling);
+        let (trace_id, parent_id) = match found.ids {
+            Some((trace, parent)) => (trace, Some(parent)),
+            None => (fastrand::u128(1..), None),
+        };
+        Self {
+            trace_id,
+            span_id: fastrand::u64(1..),
+            parent_id,
+            sampled,
+            debug: found.debug,
+            b3: found.b3,
+            b3_short_trace: found.b3_short_trace && found.ids.is_some(),
+            w3c: found.w3c,
         }
     }
 
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+        format!("{:032x}", self.trace_id)
+    }
+
+    pub fn span_id_hex(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    pub fn parent_id_hex(&self) -> Option<String> {
+        self.parent_id.map(|p| format!("{p:016x}"))
     }
 
     /// Tells the upstream that Sluice's span is its parent.
@@ -171,19 +206,35 @@ impl TraceContext {
         let flags = if self.sampled { "01" } else { "00" };
         request.insert_header(
             "traceparent",
-            format!("00-{}-{}-{flags}", hex(&self.trace_id), hex(&self.span_id)),
+            format!("00-{}-{}-{flags}", self.trace_id_hex(), self.span_id_hex()),
         )?;
+        // A tracestate without the traceparent it belonged to must not travel (W3C 3.3.1.1).
+        if !self.w3c {
+            request.remove_header("tracestate");
+        }
         if self.b3 || zipkin {
             request.remove_header("b3");
-            request.insert_header("x-b3-traceid", hex(&self.trace_id))?;
-            request.insert_header("x-b3-spanid", hex(&self.span_id))?;
-            match self.parent_id {
-                Some(parent) => request.insert_header("x-b3-parentspanid", hex(&parent))?,
+            let trace = if self.b3_short_trace {
+                format!("{:016x}", self.trace_id as u64)
+            } else {
+                self.trace_id_hex()
+            };
+            request.insert_header("x-b3-traceid", trace)?;
+            request.insert_header("x-b3-spanid", self.span_id_hex())?;
+            match self.parent_id_hex() {
+                Some(parent) => request.insert_header("x-b3-parentspanid", parent)?,
                 None => {
                     request.remove_header("x-b3-parentspanid");
                 }
             }
-            request.insert_header("x-b3-sampled", if self.sampled { "1" } else { "0" })?;
+            if self.debug {
+                // Debug implies sampled; B3 says not to send both.
+                request.insert_header("x-b3-flags", "1")?;
+                request.remove_header("x-b3-sampled");
+            } else {
+                request.remove_header("x-b3-flags");
+                request.insert_header("x-b3-sampled", if self.sampled { "1" } else { "0" })?;
+            }
         }
         Ok(())
     }
@@ -218,8 +269,8 @@ fn zipkin_json(spans: &[Span], service: &str) -> Vec<u8> {
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect();
             let mut value = json!({
-                "traceId": hex(&span.context.trace_id),
-                "id": hex(&span.context.span_id),
+                "traceId": span.context.trace_id_hex(),
+                "id": span.context.span_id_hex(),
                 "name": span.name,
                 "kind": "SERVER",
                 "timestamp": micros(span.start) as u64,
@@ -227,8 +278,8 @@ fn zipkin_json(spans: &[Span], service: &str) -> Vec<u8> {
                 "localEndpoint": {"serviceName": service},
                 "tags": tags,
             });
-            if let Some(parent) = span.context.parent_id {
-                value["parentId"] = json!(hex(&parent));
+            if let Some(parent) = span.context.parent_id_hex() {
+                value["parentId"] = json!(parent);
             }
             value
         })
@@ -245,8 +296,8 @@ fn otlp_json(spans: &[Span], service: &str) -> Vec<u8> {
             let start = micros(span.start) * 1000;
             let end = start + span.duration.as_nanos();
             let mut value = json!({
-                "traceId": hex(&span.context.trace_id),
-                "spanId": hex(&span.context.span_id),
+                "traceId": span.context.trace_id_hex(),
+                "spanId": span.context.span_id_hex(),
                 "name": span.name,
                 "kind": 2,
                 "startTimeUnixNano": start.to_string(),
@@ -255,8 +306,8 @@ fn otlp_json(spans: &[Span], service: &str) -> Vec<u8> {
                 // ERROR for 5xx, as Envoy marks them; UNSET otherwise.
                 "status": {"code": if span.status >= 500 { 2 } else { 0 }},
             });
-            if let Some(parent) = span.context.parent_id {
-                value["parentSpanId"] = json!(hex(&parent));
+            if let Some(parent) = span.context.parent_id_hex() {
+                value["parentSpanId"] = json!(parent);
             }
             value
         })
@@ -287,6 +338,7 @@ impl SpanQueue {
         )
     }
 
+    /// Queues a span for export; drops it (counted) when the queue is full or export has stopped.
     pub fn submit(&self, span: Span, live: &Live) {
         if self.sender.try_send(span).is_err() {
             live.metrics.record_spans("dropped", 1);
@@ -321,6 +373,9 @@ impl SpanSender {
         match result {
             Ok(Ok(response)) if response.status().is_success() => {
                 self.live.metrics.record_spans("exported", spans.len());
+                // Read to the end so the connection goes back to the pool.
+                let body = http_body_util::BodyExt::collect(response.into_body());
+                let _ = tokio::time::timeout(EXPORT_TIMEOUT, body).await;
             }
             Ok(Ok(response)) => self.failed(
                 &tracing,
@@ -351,12 +406,16 @@ fn encode(tracing: &Tracing, spans: &[Span]) -> Vec<u8> {
 #[async_trait]
 impl BackgroundService for SpanSender {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let tls = match crate::tls::client_config(None) {
+            Ok(tls) => tls,
+            Err(e) => {
+                warn!("tracing: no TLS client ({e}); spans are not exported");
+                return;
+            }
+        };
         let client: Client = HyperClient::builder(TokioExecutor::new()).build(
             hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(crate::tls::client_config(None).unwrap_or_else(|e| {
-                    debug!("tracing: {e}");
-                    crate::tls::client_config_with_roots(rustls::RootCertStore::empty())
-                }))
+                .with_tls_config(tls)
                 .https_or_http()
                 .enable_http1()
                 .build(),
@@ -373,17 +432,19 @@ impl BackgroundService for SpanSender {
             }
             self.send(&client, &batch).await;
             batch.clear();
-            tokio::select! {
-                _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
-                _ = shutdown.changed() => break,
+            // A full batch means more are waiting: send again at once. Otherwise let spans gather.
+            if received < BATCH {
+                tokio::select! {
+                    _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                    _ = shutdown.changed() => break,
+                }
             }
         }
-        // What is left goes out in one last batch, if the collector answers in time.
-        while let Ok(span) = receiver.try_recv() {
-            batch.push(span);
-        }
-        if !batch.is_empty() {
+        // What is left goes out in batches, if the collector answers in time.
+        receiver.close();
+        while receiver.recv_many(&mut batch, BATCH).await > 0 {
             self.send(&client, &batch).await;
+            batch.clear();
         }
     }
 }
@@ -414,10 +475,7 @@ mod tests {
             0.0,
         );
         assert_eq!(w3c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(
-            w3c.parent_id.map(|p| hex(&p)).as_deref(),
-            Some("00f067aa0ba902b7")
-        );
+        assert_eq!(w3c.parent_id_hex().as_deref(), Some("00f067aa0ba902b7"));
         assert!(w3c.sampled && !w3c.b3);
         let b3 = TraceContext::from_request(
             &headers(&[
@@ -444,5 +502,55 @@ mod tests {
             assert!(fresh.parent_id.is_none() && !fresh.sampled, "{bad}");
         }
         assert!(TraceContext::from_request(&HeaderMap::new(), 1.0).sampled);
+        // W3C is lower-case hex, four fields in version 00, one header.
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            let fresh = TraceContext::from_request(&headers(&[("traceparent", bad)]), 0.0);
+            assert!(fresh.parent_id.is_none(), "{bad}");
+        }
+        // A later version may add fields.
+        let future = TraceContext::from_request(
+            &headers(&[(
+                "traceparent",
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later",
+            )]),
+            0.0,
+        );
+        assert!(future.parent_id.is_some());
+    }
+
+    #[test]
+    fn b3_sampling_decisions_count_without_ids() {
+        let deny = TraceContext::from_request(&headers(&[("b3", "0")]), 1.0);
+        assert!(!deny.sampled && deny.parent_id.is_none() && deny.b3);
+        let accept = TraceContext::from_request(&headers(&[("x-b3-sampled", "1")]), 0.0);
+        assert!(accept.sampled);
+        let debug = TraceContext::from_request(&headers(&[("b3", "d")]), 0.0);
+        assert!(debug.sampled && debug.debug);
+        // Both formats: W3C wins for the ids, and the B3 headers are rewritten, not forwarded.
+        let both = TraceContext::from_request(
+            &headers(&[
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ]),
+            0.0,
+        );
+        assert!(both.b3 && both.w3c);
+        // B3 ids have exact lengths.
+        let short = TraceContext::from_request(
+            &headers(&[
+                ("x-b3-traceid", "e457b5a2e4d86bd1"),
+                ("x-b3-spanid", "05e3ac9a"),
+            ]),
+            0.0,
+        );
+        assert!(short.parent_id.is_none());
     }
 }

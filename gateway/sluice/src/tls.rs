@@ -302,23 +302,10 @@ pub fn client_config(ca_bundle: Option<&Path>) -> Result<rustls::ClientConfig, S
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    Ok(client_config_with_roots(roots))
-}
-
-pub fn client_config_with_roots(roots: RootCertStore) -> rustls::ClientConfig {
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-        .map(|builder| {
-            builder
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth()
-        })
-        // The default provider supports the default versions; this cannot fail.
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        })
+        .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| format!("TLS client settings: {e}"))
 }
 
 /// How far in the future a certificate's not-before may be: clocks differ a little between a CA
