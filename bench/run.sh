@@ -42,6 +42,11 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
   -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
 cat "$work/bench.crt" "$work/bench.key" > "$work/bench.pem"
 
+for port in $upstream $admin "${plain[@]}" "${tls[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use (a proxy left from an earlier run?): stop it first" >&2; exit 1
+  fi
+done
 start_upstream $upstream
 
 start_nginx nginx "  access_log off;
@@ -59,7 +64,7 @@ start_nginx nginx "  access_log off;
 cat > "$work/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 20000
+  maxconn $(( ($(ulimit -n) - 100) / 2 ))
   ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
   mode http
@@ -78,19 +83,24 @@ backend app
   server app 127.0.0.1:$upstream
 EOF
 $serve haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
+# HAProxy daemonizes, out of reach of the job cleanup: a leftover one would share the port
+# (SO_REUSEPORT) with the next run's and take part of its load.
+trap 'kill $(cat "$work/haproxy.pid" 2>/dev/null) 2>/dev/null; cleanup' EXIT
 
 cat > "$work/Caddyfile" <<EOF
 {
   admin off
   auto_https off
   default_sni bench.test
-  log { output discard }
+  log {
+    output discard
+  }
 }
-http://bench.test:${plain[caddy]} {
+http://:${plain[caddy]} {
   bind 127.0.0.1
   reverse_proxy 127.0.0.1:$upstream
 }
-https://bench.test:${tls[caddy]} {
+https://:${tls[caddy]} {
   bind 127.0.0.1
   tls $work/bench.crt $work/bench.key
   reverse_proxy 127.0.0.1:$upstream
@@ -121,7 +131,11 @@ sluice_app_routes $upstream >> "$work/sluice.yaml"
 start_sluice sluice "$work/sluice.yaml" "http://127.0.0.1:${plain[sluice]}/"
 
 for proxy in nginx haproxy caddy; do
-  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${plain[$proxy]}/" -H "Host: bench.test" && break; sleep 0.1; done
+  for try in $(seq 51); do
+    curl -sf -o /dev/null "http://127.0.0.1:${plain[$proxy]}/" && curl -skf -o /dev/null "https://127.0.0.1:${tls[$proxy]}/" && break
+    ((try == 51)) && { echo "$proxy did not start (see $work)" >&2; cat "$work"/*.log "$work"/nginx/logs/error.log >&2 2>/dev/null; exit 1; }
+    sleep 0.1
+  done
 done
 
 # pids PROXY: the processes whose CPU counts for PROXY (nginx: master and worker).
@@ -149,9 +163,11 @@ load() {
 
 declare -A cpu rps
 # measure KEY PROXY URL [h2load options…]: one run, CPU µs per request and req/s recorded under KEY.
+# A short unmeasured run first, so every proxy is measured with warm connection pools.
 measure() {
   local key=$1 proxy=$2 url=$3; shift 3
   local before after result ok rate
+  $load h2load "$@" -D 1 "$url" >/dev/null 2>&1 || true
   before=$(ticks "$proxy")
   result=$(load "$url" "$@")
   after=$(ticks "$proxy")
@@ -181,7 +197,7 @@ for round in $(seq "$rounds"); do
   order=("${proxies[@]}")
   ((round % 2 == 0)) && order=(sluice caddy haproxy nginx)
   for proxy in "${order[@]}"; do
-    want plain && measure plain "$proxy" "http://127.0.0.1:${plain[$proxy]}/" --h1 -c 64 -m 1 -H "host: bench.test"
+    want plain && measure plain "$proxy" "http://127.0.0.1:${plain[$proxy]}/" --h1 -c 64 -m 1
     want tls && measure tls-h1 "$proxy" "https://127.0.0.1:${tls[$proxy]}/" --h1 -c 64 -m 1
     want tls && measure tls-h2 "$proxy" "https://127.0.0.1:${tls[$proxy]}/" -c 64 -m 1
     want handshake && handshakes handshake "$proxy" "${tls[$proxy]}"

@@ -58,6 +58,9 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         grace_period_seconds: Some(settings.shutdown_timeout.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: settings.upgrade_socket.to_string_lossy().into_owned(),
+        // One single-threaded runtime per worker thread instead of a work-stealing pool: a
+        // connection stays on the thread that accepted it, with no cross-thread wakeups.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let opt = Opt {
