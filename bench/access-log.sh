@@ -26,23 +26,8 @@ $(nginx_server $nginx_on "access_log $work/nginx-access.log combined buffer=64k 
 
 # sluice_config PORT ADMIN-PORT ACCESS-LOG-YAML
 sluice_config() {
+  sluice_gateway "$1" "$2" "$3"
   cat <<EOF
-apiVersion: sluice.dev/v1alpha1
-kind: GatewaySettings
-metadata: {name: bench}
-spec:
-  bindAddress: 127.0.0.1
-  threads: 1
-  admin: {address: "127.0.0.1:$2"}
-  certsDir: "$work/certs-$1"
-  upgradeSocket: "$work/upgrade-$1.sock"
-$3
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw}
-spec:
-  servers:
   - port: {number: $1, name: http, protocol: HTTP}
     hosts: ["*"]
 EOF

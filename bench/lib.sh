@@ -53,6 +53,29 @@ start_sluice() {
   echo "$1 did not start:" >&2; cat "$work/$1.log" >&2; return 1
 }
 
+# sluice_gateway NAME ADMIN-PORT [SPEC-LINES]: GatewaySettings (loopback, one worker, its own
+# certs dir under $work) and a Gateway `gw` up to `servers:`; the caller appends the servers.
+sluice_gateway() {
+  cat <<EOF
+apiVersion: sluice.dev/v1alpha1
+kind: GatewaySettings
+metadata: {name: bench}
+spec:
+  bindAddress: 127.0.0.1
+  threads: 1
+  admin: {address: "127.0.0.1:$2"}
+  certsDir: "$work/certs-$1"
+  upgradeSocket: "$work/upgrade-$1.sock"
+${3:-}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+EOF
+}
+
 # sluice_app_routes UPSTREAM-PORT: config documents sending every host to the shared upstream.
 sluice_app_routes() {
   cat <<EOF

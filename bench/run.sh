@@ -110,23 +110,14 @@ GOMAXPROCS=1 XDG_DATA_HOME="$work/caddy" XDG_CONFIG_HOME="$work/caddy" \
   $serve caddy run --config "$work/Caddyfile" --adapter caddyfile >"$work/caddy.log" 2>&1 &
 caddy_pid=$!
 
-cat > "$work/sluice.yaml" <<EOF
-apiVersion: sluice.dev/v1alpha1
-kind: GatewaySettings
-metadata: {name: bench}
-spec: {bindAddress: 127.0.0.1, threads: 1, admin: {address: "127.0.0.1:$admin"}, certsDir: "$work/certs", upgradeSocket: "$work/upgrade.sock"}
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw}
-spec:
-  servers:
+{ sluice_gateway sluice $admin; cat <<EOF
   - port: {number: ${plain[sluice]}, name: http, protocol: HTTP}
     hosts: ["*"]
   - port: {number: ${tls[sluice]}, name: https, protocol: HTTPS}
     hosts: ["*"]
     tls: {mode: SIMPLE, serverCertificate: $work/bench.crt, privateKey: $work/bench.key}
 EOF
+} > "$work/sluice.yaml"
 sluice_app_routes $upstream >> "$work/sluice.yaml"
 start_sluice sluice "$work/sluice.yaml" "http://127.0.0.1:${plain[sluice]}/"
 

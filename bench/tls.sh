@@ -32,21 +32,12 @@ start_nginx nginx "  access_log off;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
   }"
 
-cat > "$work/sluice.yaml" <<EOF
-apiVersion: sluice.dev/v1alpha1
-kind: GatewaySettings
-metadata: {name: bench}
-spec: {bindAddress: 127.0.0.1, threads: 1, admin: {address: "127.0.0.1:$admin"}, certsDir: "$work/certs", upgradeSocket: "$work/upgrade.sock"}
----
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: gw}
-spec:
-  servers:
+{ sluice_gateway sluice $admin; cat <<EOF
   - port: {number: $sluice_tls, name: https, protocol: HTTPS}
     hosts: ["*"]
     tls: {mode: SIMPLE, serverCertificate: $work/bench.crt, privateKey: $work/bench.key}
 EOF
+} > "$work/sluice.yaml"
 sluice_app_routes $upstream >> "$work/sluice.yaml"
 start_sluice sluice "$work/sluice.yaml" "https://127.0.0.1:$sluice_tls/"
 

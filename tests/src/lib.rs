@@ -132,6 +132,16 @@ impl TestGateway {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
     /// `GET /api/v1/status` with the admin token Sluice wrote into its certs directory.
     pub async fn status(&self) -> Result<serde_json::Value> {
         let token = std::fs::read_to_string(self.dir.path().join("certs/admin.token"))?;

@@ -186,15 +186,6 @@ fn orders(metrics: &str, result: &str) -> u64 {
         .sum()
 }
 
-async fn metrics(gw: &TestGateway) -> Result<String> {
-    Ok(client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?)
-}
-
 fn is_rsa(certificate: &Path) -> Result<bool> {
     let pem = std::fs::read(certificate)?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)?;
@@ -237,7 +228,7 @@ async fn http01_certificate_is_obtained_served_and_survives_nonce_rejections() -
         !certs.join(format!("acme/orders/{host}.json")).exists(),
         "pending order left behind"
     );
-    let text = metrics(&gw).await?;
+    let text = gw.metrics().await?;
     assert_eq!(orders(&text, "success"), 1, "{text}");
     assert!(gw.log().contains("issued by `pebble`"), "{}", gw.log());
     // Plain HTTP still redirects; only the CA's challenge path was answered before it.
@@ -303,7 +294,7 @@ async fn tls_alpn01_certificate_and_the_account_is_reused_on_restart() -> Result
         std::fs::read(gw.dir.path().join(format!("certs/{host}.crt")))?,
         certificate
     );
-    let text = metrics(&gw).await?;
+    let text = gw.metrics().await?;
     assert_eq!(
         orders(&text, "success"),
         1,
@@ -361,7 +352,7 @@ async fn while_the_ca_is_down_the_old_certificate_serves_and_renewal_follows_lat
             .contains("ACME"),
         "{status}"
     );
-    assert_eq!(orders(&metrics(&gw).await?, "failure"), failures);
+    assert_eq!(orders(&gw.metrics().await?, "failure"), failures);
     assert_eq!(served_under(&old_ca, host, https).await?, 404);
 
     // The CA comes back: the next retry renews, and the new certificate serves without a restart.
@@ -414,7 +405,7 @@ async fn replicas_sharing_the_certs_dir_place_one_order() -> Result<()> {
     }
     let mut placed = 0;
     for (gw, _) in &replicas {
-        placed += orders(&metrics(gw).await?, "success");
+        placed += orders(&gw.metrics().await?, "success");
     }
     assert_eq!(placed, 1, "one order for both replicas");
     assert!(

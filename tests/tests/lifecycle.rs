@@ -86,12 +86,7 @@ async fn a_hundred_rewrites_under_load_drop_nothing() -> anyhow::Result<()> {
     let status = gw.status().await?;
     assert_eq!(status["generation"], 91);
     assert_eq!(status["lastReloadSuccessful"], true);
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     assert!(metrics.contains("sluice_config_generation 91"), "{metrics}");
     assert!(
         metrics.contains("sluice_config_reload_total{result=\"failure\"} 10"),

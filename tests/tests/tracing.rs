@@ -195,12 +195,7 @@ async fn zipkin_spans_join_the_callers_trace_and_keep_its_sampling_decision() ->
             .any(|s| s["tags"]["http.status_code"] == "404" && s["tags"]["response_flags"] == "NR"),
         "{spans:?}"
     );
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = gw.metrics().await?;
     assert!(
         metrics.contains("sluice_tracing_spans_total{result=\"exported\"} 3"),
         "{metrics}"
