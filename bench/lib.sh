@@ -30,7 +30,7 @@ start_nginx() {
 worker_processes 1;
 pid $work/$1/nginx.pid;
 error_log $work/$1/logs/error.log warn;
-events { worker_connections 4096; }
+events { worker_connections 16384; }
 http {
 $2
 }

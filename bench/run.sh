@@ -3,7 +3,7 @@
 # (written below), one worker each, driven in turn with the same load, rounds interleaved
 # (A B C D, then D C B A). Loopback only; every step is bounded in time.
 #
-#   bench/run.sh [scenario] [rounds]     scenario: all (default) | plain | tls | handshake
+#   bench/run.sh [scenario] [rounds]     scenario: all (default) | plain | tls | handshake | idle
 #                                         rounds: default 5, 5 s of load each
 #
 # Primary figure: proxy CPU µs per request = Δ(utime+stime of the proxy's processes, /proc) ÷
@@ -14,7 +14,8 @@
 #
 # Scenarios: plain — HTTP/1.1 keep-alive, 64 connections, 2-byte answers (and direct to the upstream:
 # the ceiling); tls — the same over TLS 1.3, HTTP/1.1 and HTTP/2; handshake — a new TLS connection
-# per request (openssl s_time -new), CPU per handshake.
+# per request (openssl s_time -new), CPU per handshake; idle — memory per idle keep-alive
+# connection (8,000 connections held open by bench/idle.py after one request each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-all}
@@ -184,6 +185,25 @@ want plain && keys+=(plain)
 want tls && keys+=(tls-h1 tls-h2)
 want handshake && keys+=(handshake)
 
+# Memory per idle keep-alive connection: RSS (all the proxy's processes) with IDLE connections open,
+# each having served one request, minus RSS before, divided by IDLE. Once per proxy (RSS does not
+# need rounds); the connections are plain HTTP/1.1.
+idle=8000
+rss_kib() { local t=0; for pid in $(pids "$1"); do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status"))); done; echo $t; }
+declare -A per_connection
+if want idle; then
+  for proxy in "${proxies[@]}"; do
+    before=$(rss_kib "$proxy")
+    coproc holder { $load python3 bench/idle.py "${plain[$proxy]}" $idle; }
+    read -r -t 120 ready count <&"${holder[0]}" || { echo "$proxy: idle connections not ready" >&2; exit 1; }
+    after=$(rss_kib "$proxy")
+    per_connection[$proxy]=$(awk -v a="$after" -v b="$before" -v n="$count" 'BEGIN { printf "%.1f", (a-b)/n }')
+    exec {holder[1]}>&-
+    wait "$holder_PID" 2>/dev/null || true
+    echo "idle: $proxy done" >&2
+  done
+fi
+
 for round in $(seq "$rounds"); do
   order=("${proxies[@]}")
   ((round % 2 == 0)) && order=(sluice caddy haproxy nginx)
@@ -199,7 +219,7 @@ done
 
 spread() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
 echo
-printf '%-10s %-8s %14s %12s %18s %10s %12s\n' scenario proxy "CPU µs/req" "vs Sluice" "min–max" "req/s" "peak RSS MiB"
+((${#keys[@]})) && printf '%-10s %-8s %14s %12s %18s %10s %12s\n' scenario proxy "CPU µs/req" "vs Sluice" "min–max" "req/s" "peak RSS MiB"
 for key in "${keys[@]}"; do
   s=$(echo "${cpu[$key,sluice]}" | median)
   for proxy in "${proxies[@]}"; do
@@ -210,6 +230,11 @@ for key in "${keys[@]}"; do
   done
   [[ $key == plain ]] && printf '%-10s %-8s %14s %12s %18s %10.0f\n' plain direct - - - "$(echo "${rps[plain,direct]}" | median)"
 done
+if want idle; then
+  echo
+  printf '%-10s %-8s %20s\n' scenario proxy "KiB per idle conn"
+  for proxy in "${proxies[@]}"; do printf '%-10s %-8s %20s\n' idle "$proxy" "${per_connection[$proxy]}"; done
+fi
 echo
 echo "“vs Sluice” is the peer's CPU per request ÷ Sluice's: above 1 means Sluice uses less CPU."
 echo "handshake: CPU µs per full TLS handshake; req/s column = handshakes/s."
