@@ -300,6 +300,40 @@ async fn tls_alpn01_certificate_and_the_account_is_reused_on_restart() -> Result
         1,
         "only the new host is ordered: {text}"
     );
+
+    // An operator forces a renewal: a new certificate replaces the stored one, no restart.
+    let token = std::fs::read_to_string(gw.dir.path().join("certs/admin.token"))?;
+    let renew = |host: &str, token: Option<&str>| {
+        let request = client().post(gw.admin_url(&format!("/api/v1/acme/renew?host={host}")));
+        match token {
+            Some(token) => request.bearer_auth(token.trim()),
+            None => request,
+        }
+    };
+    assert_eq!(renew(host, None).send().await?.status().as_u16(), 401);
+    assert_eq!(
+        renew("nope.test", Some(&token))
+            .send()
+            .await?
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(
+        renew(host, Some(&token)).send().await?.status().as_u16(),
+        202
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read(gw.dir.path().join(format!("certs/{host}.crt")))? == certificate {
+        if Instant::now() > deadline {
+            bail!("forced renewal did not happen; log:\n{}", gw.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_certificate(&gw, host, Duration::from_secs(10)).await?;
+    assert_eq!(served_under(&root, host, https).await?, 404);
+    let text = gw.metrics().await?;
+    assert_eq!(orders(&text, "success"), 2, "{text}");
     Ok(())
 }
 

@@ -348,9 +348,11 @@ impl AcmeService {
                     .await;
             }
             self.live.acme.update(host, |s| {
+                let renewed = s.not_after != stored.as_ref().map(|s| s.not_after);
                 s.not_after = stored.as_ref().map(|s| s.not_after);
                 s.renew_at = renew_at;
-                if !due {
+                // A failed forced renewal stays visible until a new certificate appears.
+                if !due && (s.failures == 0 || renewed) {
                     // Valid and not due, whoever renewed it (a replica, an operator's copy).
                     s.state = "valid";
                     s.failures = 0;
