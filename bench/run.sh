@@ -3,7 +3,7 @@
 # (written below), one worker each, driven in turn with the same load, rounds interleaved
 # (A B C D, then D C B A). Loopback only; every step is bounded in time.
 #
-#   bench/run.sh [scenario] [rounds]     scenario: all (default) | plain | tls | handshake | idle
+#   bench/run.sh [scenario] [rounds]     scenario: all (default) | plain | tls | handshake | split | idle
 #                                         rounds: default 5, 5 s of load each
 #
 # Primary figure: proxy CPU µs per request = Δ(utime+stime of the proxy's processes, /proc) ÷
@@ -15,7 +15,8 @@
 # Scenarios: plain — HTTP/1.1 keep-alive, 64 connections, 2-byte answers (and direct to the upstream:
 # the ceiling); tls — the same over TLS 1.3, HTTP/1.1 and HTTP/2; handshake — a new TLS connection
 # per request (openssl s_time -new), CPU per handshake; idle — memory per idle keep-alive
-# connection (8,000 connections held open by bench/idle.py after one request each).
+# connection (8,000 connections held open by bench/idle.py after one request each); split — a
+# 90/10 weighted route (Sluice only: the share each version got, from Sluice's own metrics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-all}
@@ -34,7 +35,7 @@ source bench/lib.sh
 # The packaged services are not what is measured.
 systemctl stop caddy haproxy nginx 2>/dev/null || true
 
-upstream=18501 admin=18502
+upstream=18501 admin=18502 canary=18503 split=18515
 declare -A plain=([nginx]=18511 [haproxy]=18512 [caddy]=18513 [sluice]=18514)
 declare -A tls=([nginx]=18521 [haproxy]=18522 [caddy]=18523 [sluice]=18524)
 proxies=(nginx haproxy caddy sluice)
@@ -43,12 +44,15 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
   -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
 cat "$work/bench.crt" "$work/bench.key" > "$work/bench.pem"
 
-for port in $upstream $admin "${plain[@]}" "${tls[@]}"; do
+for port in $upstream $admin $canary $split "${plain[@]}" "${tls[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use (a proxy left from an earlier run?): stop it first" >&2; exit 1
   fi
 done
 start_upstream $upstream
+# The canary version of the upstream, for the weighted split (same answer, another port).
+start_nginx canary "  access_log off;
+  server { listen 127.0.0.1:$canary; keepalive_requests 1000000; location / { return 200 \"ok\"; } }"
 
 start_nginx nginx "  access_log off;
   upstream app { server 127.0.0.1:$upstream; keepalive 64; }
@@ -120,6 +124,46 @@ caddy_pid=$!
 EOF
 } > "$work/sluice.yaml"
 sluice_app_routes $upstream >> "$work/sluice.yaml"
+# The 90/10 split: its own port and Gateway, two subsets of one service.
+cat >> "$work/sluice.yaml" <<EOF
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: split}
+spec:
+  servers:
+  - port: {number: $split, name: http-split, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.bench]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints:
+  - {address: 127.0.0.1, ports: {http: $upstream}, labels: {version: v1}}
+  - {address: 127.0.0.1, ports: {http: $canary}, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews.bench
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: split}
+spec:
+  hosts: ["*"]
+  gateways: [split]
+  http:
+  - route:
+    - {destination: {host: reviews.bench, subset: v1}, weight: 90}
+    - {destination: {host: reviews.bench, subset: v2}, weight: 10}
+EOF
 start_sluice sluice "$work/sluice.yaml" "http://127.0.0.1:${plain[sluice]}/"
 
 for proxy in nginx haproxy caddy; do
@@ -230,6 +274,24 @@ for key in "${keys[@]}"; do
   done
   [[ $key == plain ]] && printf '%-10s %-8s %14s %12s %18s %10.0f\n' plain direct - - - "$(echo "${rps[plain,direct]}" | median)"
 done
+if want split; then
+  # 100,000 requests through the 90/10 split, counted by Sluice's own metrics per version.
+  $load h2load --h1 -c 64 -m 1 -D 1 "http://127.0.0.1:$split/" >/dev/null 2>&1 || true
+  before=$(curl -s "http://127.0.0.1:$admin/metrics")
+  t0=$(ticks sluice)
+  served=$($load h2load --h1 -c 64 -m 1 -n 100000 "http://127.0.0.1:$split/" 2>/dev/null \
+    | awk '/^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") print $(i-1) }')
+  t1=$(ticks sluice)
+  cpu[split,sluice]=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="${served:-0}" 'BEGIN { if (n>0) printf "%.2f", t/hz*1e6/n; else print "nan" }')
+  sleep 0.5 # metrics are recorded after each response is sent
+  after=$(curl -s "http://127.0.0.1:$admin/metrics")
+  count() { echo "$1" | awk -v v="destination_version=\"$2\"" 'index($0, "istio_requests_total{") == 1 && index($0, v) { n += $NF } END { print n+0 }'; }
+  v1=$(( $(count "$after" v1) - $(count "$before" v1) )); v2=$(( $(count "$after" v2) - $(count "$before" v2) ))
+  echo
+  awk -v a="$v1" -v b="$v2" -v c="$(echo "${cpu[split,sluice]}" | median)" -v p="$(echo "${cpu[plain,sluice]:-}" | median)" 'BEGIN {
+    printf "split      sluice   90/10 over %d requests: v1 %.2f%%, v2 %.2f%% (target 90 ± 1); CPU %.1f µs/req", a+b, 100*a/(a+b), 100*b/(a+b), c
+    if (p > 0) printf " (plain: %.1f)", p; print "" }'
+fi
 if want idle; then
   echo
   printf '%-10s %-8s %20s\n' scenario proxy "KiB per idle conn"
