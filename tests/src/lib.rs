@@ -591,6 +591,16 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// Copies leaf `name`'s chain and key (made by [`Pki::leaf`]) to `cert` and `key`, the way an
+    /// operator installs a certificate where Sluice reads it.
+    pub fn copy_pair(&self, name: &str, cert: &Path, key: &Path) -> Result<()> {
+        std::fs::copy(self.dir.join(format!("{name}.crt")), cert)?;
+        std::fs::copy(self.dir.join(format!("{name}.key")), key)?;
+        Ok(())
+    }
+}
+
 /// A client that trusts only `ca` (PEM file) and reaches every host at 127.0.0.1:`port`.
 pub fn tls_client(ca: &Path, hosts: &[&str], port: u16) -> Result<reqwest::ClientBuilder> {
     let pem = std::fs::read(ca)?;

@@ -345,7 +345,7 @@ async fn while_the_ca_is_down_the_old_certificate_serves_and_renewal_follows_lat
     let dir = tempfile::tempdir()?;
     let pki = Pki::new(dir.path())?;
     let old_ca = pki.ca("old-ca")?;
-    let (cert, key) = pki.leaf(
+    pki.leaf(
         "old",
         "old-ca",
         &[&format!("DNS:{host}")],
@@ -353,8 +353,11 @@ async fn while_the_ca_is_down_the_old_certificate_serves_and_renewal_follows_lat
         false,
     )?;
     std::fs::create_dir_all(dir.path().join("certs"))?;
-    std::fs::copy(&cert, dir.path().join(format!("certs/{host}.crt")))?;
-    std::fs::copy(&key, dir.path().join(format!("certs/{host}.key")))?;
+    pki.copy_pair(
+        "old",
+        &dir.path().join(format!("certs/{host}.crt")),
+        &dir.path().join(format!("certs/{host}.key")),
+    )?;
     // The issuer's CA bundle must exist before Pebble does: make Pebble's listener CA up front.
     let listener = Pebble::prepare()?;
     let issuer = format!(

@@ -178,8 +178,7 @@ async fn a_catch_all_server_answers_clients_without_sni() -> anyhow::Result<()> 
     let gw_dir = tempfile::tempdir()?;
     let secret = gw_dir.path().join("certs/fallback");
     std::fs::create_dir_all(&secret)?;
-    std::fs::copy(pki.dir.join("default.crt"), secret.join("tls.crt"))?;
-    std::fs::copy(pki.dir.join("default.key"), secret.join("tls.key"))?;
+    pki.copy_pair("default", &secret.join("tls.crt"), &secret.join("tls.key"))?;
     let _gw = TestGateway::start_in(gw_dir, &yaml, &[port])?;
     let ca = pki.dir.join("ca.crt");
     assert_eq!(
@@ -575,17 +574,15 @@ async fn replaced_certificates_are_served_within_two_seconds_and_broken_ones_are
     let gw_dir = tempfile::tempdir()?;
     let certs = gw_dir.path().join("certs");
     std::fs::create_dir_all(&certs)?;
-    let install = |name: &str| -> std::io::Result<()> {
-        std::fs::copy(
-            pki.dir.join(format!("{name}.crt")),
-            certs.join("swap.crt.tmp"),
-        )?;
-        std::fs::copy(
-            pki.dir.join(format!("{name}.key")),
-            certs.join("swap.key.tmp"),
+    let install = |name: &str| -> anyhow::Result<()> {
+        pki.copy_pair(
+            name,
+            &certs.join("swap.crt.tmp"),
+            &certs.join("swap.key.tmp"),
         )?;
         std::fs::rename(certs.join("swap.key.tmp"), certs.join("swap.key"))?;
-        std::fs::rename(certs.join("swap.crt.tmp"), certs.join("swap.crt"))
+        std::fs::rename(certs.join("swap.crt.tmp"), certs.join("swap.crt"))?;
+        Ok(())
     };
     install("old")?;
     let gw = TestGateway::start_in(gw_dir, &yaml, &[port])?;
@@ -957,14 +954,7 @@ async fn kubernetes_secret_rotation_is_picked_up() -> anyhow::Result<()> {
     let publish = |version: &str, name: &str| -> anyhow::Result<()> {
         let versioned = secret.join(format!("..{version}"));
         std::fs::create_dir_all(&versioned)?;
-        std::fs::copy(
-            pki.dir.join(format!("{name}.crt")),
-            versioned.join("tls.crt"),
-        )?;
-        std::fs::copy(
-            pki.dir.join(format!("{name}.key")),
-            versioned.join("tls.key"),
-        )?;
+        pki.copy_pair(name, &versioned.join("tls.crt"), &versioned.join("tls.key"))?;
         let staged = secret.join("..data_tmp");
         let _ = std::fs::remove_file(&staged);
         symlink(format!("..{version}"), &staged)?;
