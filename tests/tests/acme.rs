@@ -231,13 +231,20 @@ async fn http01_certificate_is_obtained_served_and_survives_nonce_rejections() -
     let text = gw.metrics().await?;
     assert_eq!(orders(&text, "success"), 1, "{text}");
     assert!(gw.log().contains("issued by `pebble`"), "{}", gw.log());
-    // Plain HTTP still redirects; only the CA's challenge path was answered before it.
-    let response = client()
-        .get(format!("http://127.0.0.1:{http}/x"))
-        .header("host", host)
-        .send()
-        .await?;
-    assert_eq!(response.status().as_u16(), 301);
+    // Plain HTTP still redirects; only the CA's challenge path was answered before it. Tokens
+    // Sluice does not know (or that could not be tokens) fall through to the routes.
+    for path in [
+        "/x",
+        "/.well-known/acme-challenge/unknown-token",
+        "/.well-known/acme-challenge/..%2Facme%2Faccounts%2Fpebble.json",
+    ] {
+        let response = client()
+            .get(format!("http://127.0.0.1:{http}{path}"))
+            .header("host", host)
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 301, "{path}");
+    }
     Ok(())
 }
 
