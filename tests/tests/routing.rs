@@ -2,6 +2,7 @@
 //! redirects, rewrites, header rules, weighted splits, DNS endpoints and error statuses.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use sluice_tests::*;
 
@@ -483,6 +484,64 @@ async fn h2c_prior_knowledge_is_proxied() -> anyhow::Result<()> {
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["backend"], "app");
     assert_eq!(body["path"], "/h2");
+    Ok(())
+}
+
+#[tokio::test]
+async fn short_requests_and_paused_keep_alive_connections_are_served() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &virtual_service(
+        "app",
+        &["*"],
+        "  - route: [{destination: {host: app.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+
+    // Shorter than the HTTP/2 preface: must not wait for 24 bytes that never come (h2c is on).
+    let mut short = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    short.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), short.read_to_string(&mut answer)).await??;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+
+    // One keep-alive connection: requests with pauses between them, each sent in two pieces (the
+    // first byte alone is what an idle connection waits for).
+    let mut stream =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let request = format!("GET /round/{round} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        stream.get_mut().write_all(&request.as_bytes()[..1]).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.get_mut().write_all(&request.as_bytes()[1..]).await?;
+        let mut status = String::new();
+        stream.read_line(&mut status).await?;
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "round {round}: {status}"
+        );
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            stream.read_line(&mut line).await?;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse()?;
+            }
+        }
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await?;
+        let body: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(body["path"], format!("/round/{round}"));
+    }
     Ok(())
 }
 

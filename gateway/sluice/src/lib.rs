@@ -12,7 +12,6 @@
 pub mod access_log;
 pub mod acme;
 pub mod admin;
-pub mod boxed_io;
 pub mod cli;
 pub mod demo;
 pub mod dns;
@@ -24,6 +23,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
+pub mod replay_io;
 pub mod server;
 pub mod spans;
 pub mod state;

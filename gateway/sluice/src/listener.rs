@@ -6,24 +6,36 @@
 //! Sluice does the TLS handshake here rather than in Pingora's listener so that each Gateway server
 //! keeps its own versions, suites and client-certificate policy, and so that certificates and
 //! routes change with every config generation.
+//!
+//! HTTP/1.1 keep-alive is driven here too: between requests a connection waits for the first byte
+//! of its next request holding only its stream, and Pingora's per-request session and proxy state
+//! exist only while a request is under way (an idle connection costs a few KiB, not tens).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use log::debug;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::tls::server::handshake_with_callback;
-use pingora::protocols::Stream;
+use pingora::protocols::{Ssl, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use sluice_core::model::ListenerFamily;
 use sluice_core::snapshot::{L4Route, TlsDecision};
 
 use crate::metrics::{HandshakeFailure, ListenerSeries};
+use crate::replay_io::ReplayIo;
 use crate::state::{Generation, Live};
 use crate::tls::{peek_client_hello, SessionCallback};
 
 /// The PROXY header, ClientHello and TLS handshake together must finish within this.
 const PRE_HTTP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long an HTTP/1.1 connection may sit between requests (and a new one before its first):
+/// Pingora's default keep-alive timeout.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct ListenerApp<A> {
     pub inner: Arc<A>,
@@ -43,24 +55,78 @@ enum TlsOutcome {
     Closed,
 }
 
-impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
-    /// Hands the stream to the HTTP application for as long as the connection is reused. Reuse is
-    /// handled here, not by the listener, so the steps above run once per connection.
-    async fn serve_http(&self, stream: Stream, shutdown: &ShutdownWatch) {
-        let mut next = self.inner.process_new(stream, shutdown).await;
-        while let Some(stream) = next {
-            next = self.inner.process_new(stream, shutdown).await;
+impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
+    /// Serves HTTP on the connection for as long as it is reused. HTTP/2 (by ALPN, or h2c with prior
+    /// knowledge on plaintext ports) goes to Pingora's own connection loop: its requests are
+    /// streams, nothing waits per request. HTTP/1.1 keep-alive is looped here, see the module docs.
+    async fn serve_http(&self, mut stream: ReplayIo, shutdown: &ShutdownWatch) {
+        let h2 = match stream.selected_alpn_proto() {
+            Some(ALPN::H2) => true,
+            _ if stream.get_ssl_digest().is_some() => false,
+            _ => {
+                let h2c = self.inner.server_options().is_some_and(|o| o.h2c);
+                let opening =
+                    tokio::time::timeout(KEEPALIVE_IDLE, stream.starts_with_h2_preface()).await;
+                match opening {
+                    Ok(Ok(preface)) => h2c && preface,
+                    // Closed, failed or silent before a first request: nothing to serve.
+                    Ok(Err(_)) | Err(_) => return,
+                }
+            }
+        };
+        if h2 {
+            let _ = ServerApp::process_new(&self.inner, Box::new(stream), shutdown).await;
+            return;
         }
+        let mut next = self.http1_request(Box::new(stream), None, shutdown);
+        while let Some(reused) = next.await {
+            let (mut stream, persistent) = reused.consume();
+            if !next_request_arrives(&mut stream, shutdown).await {
+                return;
+            }
+            next = self.http1_request(stream, persistent, shutdown);
+        }
+    }
+
+    /// One HTTP/1.1 request on the connection. A plain function that returns Pingora's boxed
+    /// future: the session is built and moved into that box, never kept in the caller's state, so
+    /// a connection between requests holds only its stream.
+    fn http1_request<'a>(
+        &'a self,
+        stream: Stream,
+        persistent: Option<HttpPersistentSettings>,
+        shutdown: &'a ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>> {
+        let mut session = ServerSession::new_http1(stream);
+        match persistent {
+            Some(persistent) => persistent.apply_to_session(&mut session),
+            None => {
+                session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+                session.set_keepalive_reuses_remaining(
+                    self.inner
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                );
+            }
+        }
+        self.inner.process_new_http(session, shutdown)
     }
 
     async fn tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
         // The TLS handshake (and what precedes it) must finish in time: a client that sends a
         // ClientHello and then nothing may not hold the connection.
-        match tokio::time::timeout(PRE_HTTP_DEADLINE, self.accept_tls(stream)).await {
-            Ok(TlsOutcome::Terminated(tls)) => self.serve_http(tls, shutdown).await,
+        let accepted = tokio::time::timeout(PRE_HTTP_DEADLINE, Box::pin(self.accept_tls(stream)));
+        match accepted.await {
+            Ok(TlsOutcome::Terminated(tls)) => self.serve_http(ReplayIo::new(tls), shutdown).await,
             // Forwarding is not part of the handshake deadline.
             Ok(TlsOutcome::Passthrough(stream, route, generation)) => {
-                crate::upstream::forward(stream, &route, &generation, &self.live).await
+                Box::pin(crate::upstream::forward(
+                    stream,
+                    &route,
+                    &generation,
+                    &self.live,
+                ))
+                .await
             }
             Ok(TlsOutcome::Closed) => {}
             Err(_) => {
@@ -120,7 +186,7 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
             }
         };
         let callback = SessionCallback { server };
-        match handshake_with_callback(&acceptor, crate::boxed_io::Boxed(stream), &callback).await {
+        match handshake_with_callback(&acceptor, ReplayIo::new(stream), &callback).await {
             Ok(tls) => {
                 self.series.handshake_done();
                 TlsOutcome::Terminated(Box::new(tls))
@@ -162,13 +228,10 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
             );
             let refuse = generation.tls.refuse().clone();
             let _ =
-                pingora::protocols::tls::server::handshake(&refuse, crate::boxed_io::Boxed(stream))
-                    .await;
+                pingora::protocols::tls::server::handshake(&refuse, ReplayIo::new(stream)).await;
             return;
         };
-        match pingora::protocols::tls::server::handshake(&acceptor, crate::boxed_io::Boxed(stream))
-            .await
-        {
+        match pingora::protocols::tls::server::handshake(&acceptor, ReplayIo::new(stream)).await {
             Ok(_) => log::info!(
                 "port {}: answered TLS-ALPN-01 validation for {server_name:?}",
                 self.port
@@ -182,7 +245,7 @@ impl<A: ServerApp + Send + Sync + 'static> ListenerApp<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
@@ -208,7 +271,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
         if let Some(settings) = proxy_protocol.filter(|s| s.applies_to(self.port)) {
             let accepted = tokio::time::timeout(
                 PRE_HTTP_DEADLINE,
-                crate::proxy_protocol::accept(stream.as_mut(), &settings),
+                Box::pin(crate::proxy_protocol::accept(stream.as_mut(), &settings)),
             )
             .await
             .unwrap_or_else(|_| Err("PROXY header not complete in time".into()));
@@ -217,9 +280,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
                 return None;
             }
         }
+        // Each branch is boxed: this future lives as long as the connection, and an idle HTTP
+        // connection should not carry the space a TLS handshake or a TCP forward needs. HTTP
+        // connections do not keep their first generation alive either; each request loads its own.
         match self.family {
-            ListenerFamily::PlainHttp => self.serve_http(stream, shutdown).await,
-            ListenerFamily::Tls => self.tls(stream, shutdown).await,
+            ListenerFamily::PlainHttp => {
+                drop(generation);
+                Box::pin(self.serve_http(ReplayIo::new(stream), shutdown)).await
+            }
+            ListenerFamily::Tls => {
+                drop(generation);
+                Box::pin(self.tls(stream, shutdown)).await
+            }
             ListenerFamily::Tcp => {
                 let route = generation
                     .snapshot
@@ -227,7 +299,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
                     .and_then(|l| l.tcp_routes.first().cloned());
                 match route {
                     Some(route) => {
-                        crate::upstream::forward(stream, &route, &generation, &self.live).await
+                        Box::pin(crate::upstream::forward(
+                            stream,
+                            &route,
+                            &generation,
+                            &self.live,
+                        ))
+                        .await
                     }
                     None => debug!("port {}: no TCP route", self.port),
                 }
@@ -237,6 +315,24 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
     }
 
     async fn cleanup(&self) {
-        self.inner.cleanup().await;
+        self.inner.http_cleanup().await;
+    }
+}
+
+/// Waits, holding nothing but the stream, until the next request's first byte arrives: false when
+/// the client closes, stays silent past [`KEEPALIVE_IDLE`], or the server shuts down (as Pingora
+/// drops idle keep-alive connections at shutdown).
+async fn next_request_arrives(stream: &mut Stream, shutdown: &ShutdownWatch) -> bool {
+    let mut shutdown = shutdown.clone();
+    if *shutdown.borrow_and_update() {
+        return false;
+    }
+    let mut first = [0u8; 1];
+    tokio::select! {
+        biased;
+        peeked = tokio::time::timeout(KEEPALIVE_IDLE, stream.try_peek(&mut first)) => {
+            matches!(peeked, Ok(Ok(true)))
+        }
+        _ = shutdown.changed() => false,
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use log::info;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -96,7 +97,15 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         };
         let mut service = Service::new(format!("listener :{port}"), app);
         let address = std::net::SocketAddr::new(settings.bind_address, port);
-        service.add_tcp(&address.to_string());
+        let mut endpoint = ListenerConfig::tcp(address.to_string());
+        if family == ListenerFamily::PlainHttp {
+            // No read buffer under Pingora's own on plaintext HTTP: requests are read straight into
+            // the HTTP session's buffer, and an idle keep-alive connection does not keep a 64 KiB
+            // buffer alive. Writes stay buffered so a response's header and body leave in one
+            // send. TLS and TCP ports keep Pingora's default: the ClientHello is peeked through it.
+            endpoint = endpoint.l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE));
+        }
+        service.add_listener(endpoint);
         info!("listening on {address} ({:?})", listener.spec.family);
         server.add_service(service);
     }

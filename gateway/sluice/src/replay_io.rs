@@ -1,0 +1,264 @@
+//! `ReplayIo`: a Pingora `Stream` wrapper that can read ahead and hand what it read back to the
+//! next reader. It is itself a concrete `IO` type, so a stream that already went through the PROXY
+//! header and ClientHello peek can be given to Pingora's TLS handshake, which takes one.
+//!
+//! The read-ahead is what lets an idle keep-alive connection wait for its next request without
+//! Pingora's per-request state: the listener waits in [`ReplayIo::try_peek`] (one byte), and only
+//! when a request starts does it build the next HTTP session. The peeked bytes live in a small
+//! inline array, so waiting costs no heap memory.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): the longest read-ahead any caller needs.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug)]
+pub struct ReplayIo {
+    inner: Stream,
+    /// Bytes read ahead and not yet handed out: `ahead[start..end]`.
+    ahead: [u8; H2_PREFACE.len()],
+    start: usize,
+    end: usize,
+}
+
+impl ReplayIo {
+    pub fn new(inner: Stream) -> Self {
+        Self {
+            inner,
+            ahead: [0; H2_PREFACE.len()],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.ahead[self.start..self.end]
+    }
+
+    /// Reads ahead until `wanted` bytes (at most [`H2_PREFACE`]'s length) are buffered, or `stop`
+    /// says the bytes so far already decide. An early end of stream is an error, as for
+    /// `read_exact`.
+    async fn read_ahead(
+        &mut self,
+        wanted: usize,
+        stop: impl Fn(&[u8]) -> bool,
+    ) -> std::io::Result<&[u8]> {
+        let wanted = wanted.min(self.ahead.len());
+        if self.start > 0 {
+            self.ahead.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end < wanted && !stop(self.buffered()) {
+            let read = self.inner.read(&mut self.ahead[self.end..wanted]).await?;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.end += read;
+        }
+        Ok(self.buffered())
+    }
+
+    /// Whether the connection opens with the HTTP/2 preface (h2c with prior knowledge). Reads only
+    /// as far as the first byte that differs, so a short HTTP/1 request is never kept waiting for
+    /// 24 bytes that will not come.
+    pub async fn starts_with_h2_preface(&mut self) -> std::io::Result<bool> {
+        let seen = self
+            .read_ahead(H2_PREFACE.len(), |seen| !H2_PREFACE.starts_with(seen))
+            .await?;
+        Ok(seen == H2_PREFACE)
+    }
+}
+
+impl AsyncRead for ReplayIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.start == this.end {
+            return Pin::new(&mut *this.inner).poll_read(cx, buf);
+        }
+        let replayed = this.buffered().len().min(buf.remaining());
+        buf.put_slice(&this.ahead[this.start..this.start + replayed]);
+        this.start += replayed;
+        // What followed the read-ahead is usually already here: hand it over in the same call so the
+        // reader parses the request once, not once per fragment. Not ready yet is fine: the bytes
+        // replayed are the answer to this read.
+        if this.start == this.end && buf.remaining() > 0 {
+            let before = buf.filled().len();
+            match Pin::new(&mut *this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+                // Reported by the next read, after the bytes already handed out.
+                Poll::Ready(Err(_)) => buf.set_filled(before),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReplayIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Fills `buf` with the next bytes of the stream without consuming them, waiting until that many
+/// have arrived (Pingora's `Peek` contract; at most [`H2_PREFACE`]'s length).
+#[async_trait]
+impl Peek for ReplayIo {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        if buf.len() > self.ahead.len() {
+            return Ok(false);
+        }
+        let seen = self.read_ahead(buf.len(), |_| false).await?;
+        buf.copy_from_slice(&seen[..buf.len()]);
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl Shutdown for ReplayIo {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for ReplayIo {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ReplayIo {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ReplayIo {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ReplayIo {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for ReplayIo {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replay(bytes: &'static [u8]) -> ReplayIo {
+        ReplayIo::new(Box::new(std::io::Cursor::new(bytes.to_vec())))
+    }
+
+    #[tokio::test]
+    async fn short_http1_request_is_not_mistaken_for_h2() {
+        let mut io = replay(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!io.starts_with_h2_preface().await.unwrap());
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET / HTTP/1.0\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn h2_preface_is_detected_and_replayed() {
+        let mut io = replay(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nframes");
+        assert!(io.starts_with_h2_preface().await.unwrap());
+        let mut peeked = [0u8; 24];
+        assert!(io.try_peek(&mut peeked).await.unwrap());
+        assert_eq!(&peeked, H2_PREFACE);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nframes");
+    }
+
+    #[tokio::test]
+    async fn peeked_byte_comes_back_with_what_follows() {
+        let mut io = replay(b"GET /next HTTP/1.1\r\n\r\n");
+        let mut first = [0u8; 1];
+        assert!(io.try_peek(&mut first).await.unwrap());
+        assert_eq!(&first, b"G");
+        let mut buf = [0u8; 64];
+        let read = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..read], b"GET /next HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn peek_at_end_of_stream_is_an_error() {
+        let mut io = replay(b"");
+        let mut first = [0u8; 1];
+        assert!(io.try_peek(&mut first).await.is_err());
+    }
+}
