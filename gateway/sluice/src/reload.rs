@@ -19,9 +19,12 @@ use sluice_core::snapshot::{ListenerSpec, Snapshot};
 
 use crate::state::Live;
 
-/// Quiet time after the last file event before reloading: editors and ConfigMap updates write in
-/// several steps (temp file + rename, truncate + write).
+/// Quiet time after the last file event before reloading while a file may still be half written:
+/// editors and ConfigMap updates write in several steps (temp file + rename, truncate + write).
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Quiet time once every file written has been closed (or renamed into place): only to gather the
+/// other files of the same edit (a `cp` of several files, a `git checkout`) into one reload.
+const SETTLE_COMPLETE: Duration = Duration::from_millis(20);
 /// Reload at the latest this long after the first event of a burst, even if events keep coming.
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
@@ -248,17 +251,15 @@ pub struct ReloadService {
 #[async_trait]
 impl BackgroundService for ReloadService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<FileEvent>();
         let paths = self.reloader.paths.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Only changes count. Opening and reading a file are events too, and every reload
-            // reads the certificates: reacting to those would reload forever.
             let Ok(event) = event else { return };
-            if event.kind.is_access() || event.kind.is_other() {
+            let Some(step) = WriteStep::of(&event.kind) else {
                 return;
-            }
+            };
             for path in event.paths {
-                let _ = tx.send(path);
+                let _ = tx.send(FileEvent { path, step });
             }
         });
         let generation = self.reloader.live.current();
@@ -308,11 +309,11 @@ impl BackgroundService for ReloadService {
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.run_reload("SIGHUP", true).await;
                 }
-                Some(path) = rx.recv() => {
-                    if !relevant(&path, &paths) {
+                Some(first) = rx.recv() => {
+                    if !relevant(&first.path, &paths) {
                         continue;
                     }
-                    let certificate = settle(&mut rx, &paths).await || is_certificate(&path);
+                    let certificate = settle(first, &mut rx, &paths).await;
                     let trigger = if certificate { "certificate change" } else { "file change" };
                     self.run_reload(trigger, certificate).await;
                 }
@@ -321,25 +322,73 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// Waits until no relevant file event has come for [`DEBOUNCE`], or [`MAX_DELAY`] has passed since
-/// the first. Irrelevant events (a log file in the same directory) neither delay nor trigger it.
-/// Returns whether a certificate file was among the events.
-async fn settle(rx: &mut tokio::sync::mpsc::UnboundedReceiver<PathBuf>, paths: &[PathBuf]) -> bool {
-    let now = tokio::time::Instant::now();
-    let deadline = now + MAX_DELAY;
-    let mut quiet_until = now + DEBOUNCE;
+/// One file event, as far as reloading cares.
+#[derive(Debug)]
+struct FileEvent {
+    path: PathBuf,
+    step: WriteStep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteStep {
+    /// The file is being written: more may follow (created, truncated, data written).
+    Writing,
+    /// The file is complete: closed after writing, renamed into place, or removed.
+    Done,
+}
+
+impl WriteStep {
+    /// `None` for events that change nothing. Opening and reading a file are events too, and every
+    /// reload reads the certificates: reacting to those would reload forever.
+    fn of(kind: &notify::EventKind) -> Option<Self> {
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+        match kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Self::Done),
+            EventKind::Access(_) | EventKind::Other => None,
+            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => Some(Self::Done),
+            EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) => Some(Self::Writing),
+        }
+    }
+}
+
+/// Gathers the rest of a burst of file events, starting with `first`: returns once every file
+/// written has been completed and nothing relevant came for [`SETTLE_COMPLETE`], or nothing came
+/// for [`DEBOUNCE`] (a writer that never closes, an event source without close events), or
+/// [`MAX_DELAY`] has passed. Irrelevant events (a log file in the same directory) neither delay nor
+/// trigger it. Returns whether a certificate file was among the events.
+async fn settle(
+    first: FileEvent,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<FileEvent>,
+    paths: &[PathBuf],
+) -> bool {
+    let deadline = tokio::time::Instant::now() + MAX_DELAY;
+    let mut writing: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut certificate = false;
+    let mut event = first;
     loop {
-        tokio::select! {
-            event = rx.recv() => match event {
-                Some(path) if relevant(&path, paths) => {
-                    certificate |= is_certificate(&path);
-                    quiet_until = tokio::time::Instant::now() + DEBOUNCE;
-                }
-                Some(_) => {}
-                None => return certificate,
-            },
-            _ = tokio::time::sleep_until(quiet_until.min(deadline)) => return certificate,
+        certificate |= is_certificate(&event.path);
+        match event.step {
+            WriteStep::Writing => writing.insert(event.path),
+            WriteStep::Done => writing.remove(&event.path),
+        };
+        let quiet = if writing.is_empty() {
+            SETTLE_COMPLETE
+        } else {
+            DEBOUNCE
+        };
+        let quiet_until = (tokio::time::Instant::now() + quiet).min(deadline);
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(next) if relevant(&next.path, paths) => {
+                        event = next;
+                        break;
+                    }
+                    Some(_) => {}
+                    None => return certificate,
+                },
+                _ = tokio::time::sleep_until(quiet_until) => return certificate,
+            }
         }
     }
 }
