@@ -3,9 +3,11 @@
 //! header and ClientHello peek can be given to Pingora's TLS handshake, which takes one.
 //!
 //! The read-ahead is what lets an idle keep-alive connection wait for its next request without
-//! Pingora's per-request state: the listener waits in [`ReplayIo::try_peek`] (one byte), and only
-//! when a request starts does it build the next HTTP session. The peeked bytes live in a small
-//! inline array, so waiting costs no heap memory.
+//! Pingora's per-request state: the listener waits in [`ReplayIo::try_peek`], and only when a
+//! request starts does it build the next HTTP session. The wait reads whatever has arrived (up to
+//! 4 KiB, usually the whole request head) in the same single read the session would have made, so
+//! it costs no extra system call; the buffer exists only from that read until it is handed over,
+//! so an idle connection holds none.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::BufMut;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
@@ -21,52 +24,54 @@ use pingora::protocols::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4): the longest read-ahead any caller needs.
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The most read ahead at once, and the most [`Peek::try_peek`] can be asked for: Pingora's HTTP/1
+/// session reads a request head in 4 KiB steps too.
+const READ_AHEAD: usize = 4096;
 
 #[derive(Debug)]
 pub struct ReplayIo {
     inner: Stream,
-    /// Bytes read ahead and not yet handed out: `ahead[start..end]`.
-    ahead: [u8; H2_PREFACE.len()],
+    /// Bytes read ahead and not yet handed out: `ahead[start..]`. Empty, with no allocation,
+    /// whenever nothing is pending.
+    ahead: Vec<u8>,
     start: usize,
-    end: usize,
 }
 
 impl ReplayIo {
     pub fn new(inner: Stream) -> Self {
         Self {
             inner,
-            ahead: [0; H2_PREFACE.len()],
+            ahead: Vec::new(),
             start: 0,
-            end: 0,
         }
     }
 
     fn buffered(&self) -> &[u8] {
-        &self.ahead[self.start..self.end]
+        &self.ahead[self.start..]
     }
 
-    /// Reads ahead until `wanted` bytes (at most [`H2_PREFACE`]'s length) are buffered, or `stop`
-    /// says the bytes so far already decide. An early end of stream is an error, as for
-    /// `read_exact`.
+    /// Reads ahead until `wanted` bytes (at most [`READ_AHEAD`]) are buffered, or `stop` says the
+    /// bytes so far already decide. An early end of stream is an error, as for `read_exact`.
     async fn read_ahead(
         &mut self,
         wanted: usize,
         stop: impl Fn(&[u8]) -> bool,
     ) -> std::io::Result<&[u8]> {
-        let wanted = wanted.min(self.ahead.len());
         if self.start > 0 {
-            self.ahead.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
+            self.ahead.drain(..self.start);
             self.start = 0;
         }
-        while self.end < wanted && !stop(self.buffered()) {
-            let read = self.inner.read(&mut self.ahead[self.end..wanted]).await?;
+        while self.ahead.len() < wanted.min(READ_AHEAD) && !stop(&self.ahead) {
+            let room = READ_AHEAD - self.ahead.len();
+            self.ahead.reserve_exact(room);
+            let mut spare = (&mut self.ahead).limit(room);
+            let read = self.inner.read_buf(&mut spare).await?;
             if read == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            self.end += read;
         }
         Ok(self.buffered())
     }
@@ -75,10 +80,12 @@ impl ReplayIo {
     /// as far as the first byte that differs, so a short HTTP/1 request is never kept waiting for
     /// 24 bytes that will not come.
     pub async fn starts_with_h2_preface(&mut self) -> std::io::Result<bool> {
-        let seen = self
-            .read_ahead(H2_PREFACE.len(), |seen| !H2_PREFACE.starts_with(seen))
-            .await?;
-        Ok(seen == H2_PREFACE)
+        let differs = |seen: &[u8]| {
+            let common = seen.len().min(H2_PREFACE.len());
+            seen[..common] != H2_PREFACE[..common]
+        };
+        let seen = self.read_ahead(H2_PREFACE.len(), differs).await?;
+        Ok(seen.starts_with(H2_PREFACE))
     }
 }
 
@@ -89,16 +96,22 @@ impl AsyncRead for ReplayIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if this.start == this.end {
+        if this.ahead.is_empty() {
             return Pin::new(&mut *this.inner).poll_read(cx, buf);
         }
         let replayed = this.buffered().len().min(buf.remaining());
         buf.put_slice(&this.ahead[this.start..this.start + replayed]);
         this.start += replayed;
-        // What followed the read-ahead is usually already here: hand it over in the same call so the
-        // reader parses the request once, not once per fragment. Not ready yet is fine: the bytes
-        // replayed are the answer to this read.
-        if this.start == this.end && buf.remaining() > 0 {
+        if this.start < this.ahead.len() {
+            return Poll::Ready(Ok(()));
+        }
+        // All handed over: an idle connection keeps no buffer.
+        this.ahead = Vec::new();
+        this.start = 0;
+        // A request longer than the read-ahead has more waiting: hand it over in the same call so
+        // the reader parses the request once, not once per fragment. Not ready yet is fine: the
+        // bytes replayed are the answer to this read.
+        if buf.remaining() > 0 {
             let before = buf.filled().len();
             match Pin::new(&mut *this.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
@@ -141,11 +154,11 @@ impl AsyncWrite for ReplayIo {
 }
 
 /// Fills `buf` with the next bytes of the stream without consuming them, waiting until that many
-/// have arrived (Pingora's `Peek` contract; at most [`H2_PREFACE`]'s length).
+/// have arrived (Pingora's `Peek` contract; at most [`READ_AHEAD`] bytes).
 #[async_trait]
 impl Peek for ReplayIo {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        if buf.len() > self.ahead.len() {
+        if buf.len() > READ_AHEAD {
             return Ok(false);
         }
         let seen = self.read_ahead(buf.len(), |_| false).await?;
