@@ -356,6 +356,19 @@ async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
              \x20 - match: [{uri: {prefix: /bad}}]\n    route: [{destination: {host: dead.svc}}]\n\
              \x20 - route:\n    - {destination: {host: reviews, subset: v1}, weight: 50}\n    - {destination: {host: reviews, subset: v2}, weight: 50}\n";
     let gw = TestGateway::start(&yaml, &[port])?;
+    // Every series exists before Prometheus's first scrape: `rate` only counts increases between
+    // samples, so a series born between two scrapes would lose its first requests and tilt the ratio.
+    let mut versions = std::collections::HashSet::new();
+    for _ in 0..64 {
+        let response = get(port, "p.test", "/").await?;
+        assert_eq!(response.status, 200);
+        versions.insert(response.backend().to_string());
+        if versions.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(versions.len(), 2, "both subsets answered: {versions:?}");
+    assert_eq!(get(port, "p.test", "/bad").await?.status, 503);
 
     let prometheus_port = free_port();
     let dir = tempfile::tempdir()?;
