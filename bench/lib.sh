@@ -9,7 +9,8 @@ if ((${#need[@]})); then
   apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 scripts/setup
-cargo build --release -q -p sluice
+# Sluice, and the bare Pingora proxy measured beside it (gateway/sluice/examples/bare_pingora.rs).
+cargo build --release -q -p sluice --bin sluice --example bare_pingora
 
 work=$(mktemp -d)
 nginx_prefixes=()
@@ -53,6 +54,16 @@ start_sluice() {
   echo "$1 did not start:" >&2; cat "$work/$1.log" >&2; return 1
 }
 
+# start_pingora PORT UPSTREAM-PORT: the bare Pingora proxy (no filters, Pingora's own listener), to
+# tell Pingora's cost from Sluice's. Sets pingora_pid.
+start_pingora() {
+  RUST_LOG=warn $serve target/release/examples/bare_pingora "127.0.0.1:$1" "127.0.0.1:$2" \
+    2>"$work/pingora.log" &
+  pingora_pid=$!
+  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
+  echo "bare Pingora did not start:" >&2; cat "$work/pingora.log" >&2; return 1
+}
+
 # sluice_gateway NAME ADMIN-PORT [SPEC-LINES]: GatewaySettings (loopback, one worker, its own
 # certs dir under $work) and a Gateway `gw` up to `servers:`; the caller appends the servers.
 sluice_gateway() {
@@ -76,8 +87,8 @@ spec:
 EOF
 }
 
-# sluice_app_routes UPSTREAM-PORT: config documents sending every host to the shared upstream.
-sluice_app_routes() {
+# sluice_app_service UPSTREAM-PORT: the ServiceEntry `app.bench` for the shared upstream.
+sluice_app_service() {
   cat <<EOF
 ---
 apiVersion: networking.istio.io/v1
@@ -88,6 +99,13 @@ spec:
   ports: [{number: 80, name: http}]
   resolution: STATIC
   endpoints: [{address: 127.0.0.1, ports: {http: $1}}]
+EOF
+}
+
+# sluice_app_routes UPSTREAM-PORT: config documents sending every host to the shared upstream.
+sluice_app_routes() {
+  sluice_app_service "$1"
+  cat <<EOF
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -100,10 +118,32 @@ spec:
 EOF
 }
 
+# sluice_many_hosts DIR HOSTS ROUTES: VirtualServices for hosts h0…h(HOSTS-1).bench.test with
+# ROUTES prefix routes each (/r0/ … /rN/, to app.bench), in four files hosts-0…hosts-3.yaml.
+sluice_many_hosts() {
+  awk -v dir="$1" -v hosts="$2" -v routes="$3" 'BEGIN {
+    for (h = 0; h < hosts; h++) {
+      file = dir "/hosts-" (h % 4) ".yaml"
+      if (h >= 4) print "---" > file
+      printf "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: h%d}\n", h > file
+      printf "spec: {hosts: [h%d.bench.test], gateways: [gw], http: [", h > file
+      for (r = 0; r < routes; r++)
+        printf "%s{match: [{uri: {prefix: /r%d/}}], route: [{destination: {host: app.bench}}]}", (r ? ", " : ""), r > file
+      print "]}" > file
+    } }'
+}
+
 # requests URL [--h1]: requests per second, 16 keep-alive connections for 10 s.
 requests() {
   $load h2load ${2:-} -D 10 -c 16 -m 1 "$1" 2>/dev/null \
     | awk '/^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") print $(i-1) }' | head -1
+}
+
+# percentiles FILE: "p50 p99 p99.9" in ms of an h2load --log-file (third column: µs per request).
+percentiles() {
+  cut -f3 "$1" | sort -n | awk '{ d[NR] = $1 } END {
+    if (NR == 0) { print "nan nan nan"; exit }
+    printf "%.2f %.2f %.2f\n", d[int(NR*0.5)+1]/1000, d[int(NR*0.99)+1]/1000, d[int(NR*0.999)+1]/1000 }'
 }
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END { if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }

@@ -1,32 +1,54 @@
 #!/usr/bin/env bash
-# Sluice next to nginx, HAProxy and Caddy on this machine: the same upstream, equivalent configs
-# (written below), one worker each, driven in turn with the same load, rounds interleaved
-# (A B C D, then D C B A). Loopback only; every step is bounded in time.
+# Sluice next to nginx, HAProxy, Caddy and a bare Pingora proxy on this machine: the same upstream,
+# equivalent configs (written below), one worker each, driven in turn with the same load, rounds
+# interleaved (A B C D…, then …D C B A). Loopback only; every step is bounded in time.
 #
-#   bench/run.sh [scenario] [rounds]     scenario: all (default) | plain | tls | handshake | split | idle
-#                                         rounds: default 5, 5 s of load each
+#   bench/run.sh [scenario] [rounds]    rounds: default 5 (3 for gate), each run 5 s of load
+#
+# Scenarios (all = every one but gate):
+#   plain     (a) HTTP/1.1 keep-alive, 64 connections, 2-byte answers; and direct to the upstream
+#   tls       (b) the same over TLS 1.3, HTTP/1.1 and HTTP/2
+#   handshake (c) a new TLS connection per request (openssl s_time -new): CPU per handshake
+#   hosts     (d) 10,000 hosts × 10 routes loaded, requests spread over all of them (wrk + Lua),
+#             against the same wrk load on the one-route config: the cost of route lookup
+#   split     (e) a 90/10 weighted route over 100,000 requests (Sluice, from its own metrics; nginx's
+#             split_clients and HAProxy's server weights, from the upstreams' request counts)
+#   idle      (f) memory per idle keep-alive connection (8,000 held open after one request each) and
+#             Sluice's RSS at idle with the built-in demo config
+#   rate      (g) latency at one fixed request rate for every proxy (h2load --rps): p50/p99/p99.9
+#             added over direct to the upstream
+#   reload    the 10,000-host config edited under load: time from the file write to the new route
+#             answering, and failed requests during the reloads
+#   gate      CI's check: a short (a) with nginx, bare Pingora and Sluice; fails when Sluice's CPU
+#             per request leaves the bounds below
 #
 # Primary figure: proxy CPU µs per request = Δ(utime+stime of the proxy's processes, /proc) ÷
 # requests served, for every proxy in the same run (absolute requests/s swing several-fold on a
-# shared machine; CPU per request does not). Also requests/s (median), peak RSS, and each proxy's
-# ratio to Sluice. With 2+ cores the load generator runs on core 0, upstream and proxies on core 1
-# (`taskset`), so the load generator never competes with what it measures.
-#
-# Scenarios: plain — HTTP/1.1 keep-alive, 64 connections, 2-byte answers (and direct to the upstream:
-# the ceiling); tls — the same over TLS 1.3, HTTP/1.1 and HTTP/2; handshake — a new TLS connection
-# per request (openssl s_time -new), CPU per handshake; idle — memory per idle keep-alive
-# connection (8,000 connections held open by bench/idle.py after one request each); split — a
-# 90/10 weighted route (Sluice only: the share each version got, from Sluice's own metrics).
+# shared machine; CPU per request does not). With 2+ cores the load generator runs on core 0,
+# upstream and proxies on core 1 (`taskset`), so the load generator never competes with what it
+# measures. "bare Pingora" is gateway/sluice/examples/bare_pingora.rs: Pingora's proxy with no
+# filters, the floor Sluice builds on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-all}
-rounds=${2:-5}
+case $scenario in
+  all|plain|tls|handshake|hosts|split|idle|rate|reload) rounds=${2:-5};;
+  gate) rounds=${2:-3};;
+  *) echo "unknown scenario: $scenario" >&2; sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2;;
+esac
 seconds=5
+# The gate's bounds, as ratios of Sluice's CPU per request (same run). The issue's target is
+# ≤ 1.2× nginx; BENCHMARKS.md explains why Pingora's own proxy path cannot meet it on this machine,
+# so CI holds what Sluice itself controls (its cost over bare Pingora) and a ceiling against nginx.
+gate_vs_pingora=${GATE_VS_PINGORA:-1.5}
+gate_vs_nginx=${GATE_VS_NGINX:-3.0}
+# The fixed rate for scenario (g): about half of Caddy's saturation here, the slowest peer.
+rate=${RATE:-5000}
 # HAProxy sizes its connection table from the descriptor limit; the idle-connection scenarios need many.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 need_peer=()
-for pkg in haproxy caddy; do dpkg -s "$pkg" >/dev/null 2>&1 || need_peer+=("$pkg"); done
+for pkg in haproxy caddy wrk; do dpkg -s "$pkg" >/dev/null 2>&1 || need_peer+=("$pkg"); done
 if ((${#need_peer[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${need_peer[@]}" >/dev/null
@@ -35,38 +57,69 @@ source bench/lib.sh
 # The packaged services are not what is measured.
 systemctl stop caddy haproxy nginx 2>/dev/null || true
 
-upstream=18501 admin=18502 canary=18503 split=18515
-declare -A plain=([nginx]=18511 [haproxy]=18512 [caddy]=18513 [sluice]=18514)
+want() { [[ $scenario == "$1" || ($scenario == all && $1 != gate) ]]; }
+if want gate; then seconds=3; fi
+
+upstream=18501 admin=18502 canary=18503 split=18515 hosts_admin=18506
+declare -A plain=([nginx]=18511 [haproxy]=18512 [caddy]=18513 [sluice]=18514 [pingora]=18516)
 declare -A tls=([nginx]=18521 [haproxy]=18522 [caddy]=18523 [sluice]=18524)
-proxies=(nginx haproxy caddy sluice)
+declare -A splits=([nginx]=18531 [haproxy]=18532 [sluice]=$split)
+declare -A many=([nginx]=18541 [sluice]=18544)
+if want gate; then proxies=(nginx pingora sluice); else proxies=(nginx haproxy caddy pingora sluice); fi
+has() { local p; for p in "${proxies[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.test \
   -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
 cat "$work/bench.crt" "$work/bench.key" > "$work/bench.pem"
 
-for port in $upstream $admin $canary $split "${plain[@]}" "${tls[@]}"; do
+for port in $upstream $admin $canary $hosts_admin "${plain[@]}" "${tls[@]}" "${splits[@]}" "${many[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use (a proxy left from an earlier run?): stop it first" >&2; exit 1
   fi
 done
-start_upstream $upstream
-# The canary version of the upstream, for the weighted split (same answer, another port).
-start_nginx canary "  access_log off;
-  server { listen 127.0.0.1:$canary; keepalive_requests 1000000; location / { return 200 \"ok\"; } }"
+# The upstream (and its canary version for the weighted splits) count requests in their access
+# logs only for the split scenario; elsewhere logging would be part of every proxy's round trip.
+upstream_log() { if want split; then echo "access_log $work/$1.log bench buffer=64k flush=1s;"; else echo "access_log off;"; fi; }
+upstream_block() { # NAME PORT
+  echo "  log_format bench \$status;
+  $(upstream_log "$1")
+  server { listen 127.0.0.1:$2; keepalive_requests 1000000; location / { return 200 \"ok\"; } }"
+}
+start_nginx upstream "$(upstream_block upstream $upstream)"
+start_nginx canary "$(upstream_block canary $canary)"
 
+# Every scenario's nginx in one process: the plain and TLS ports, the 90/10 split, the 10,000 hosts.
+nginx_hosts=""
+if want hosts; then
+  nginx_hosts=$(awk -v port="${many[nginx]}" -v hosts=10000 -v routes=10 'BEGIN {
+    print "  server_names_hash_max_size 32768; server_names_hash_bucket_size 64;"
+    for (h = 0; h < hosts; h++) {
+      printf "  server { listen 127.0.0.1:%d; server_name h%d.bench.test;", port, h
+      for (r = 0; r < routes; r++) printf " location /r%d/ { proxy_pass http://app; }", r
+      print " }"
+    } }')
+fi
 start_nginx nginx "  access_log off;
   upstream app { server 127.0.0.1:$upstream; keepalive 64; }
+  upstream app_v1 { server 127.0.0.1:$upstream; keepalive 64; }
+  upstream app_v2 { server 127.0.0.1:$canary; keepalive 64; }
+  split_clients \"\$request_id\" \$version { 90% app_v1; * app_v2; }
+  proxy_http_version 1.1;
+  proxy_set_header Connection \"\";
+  keepalive_requests 1000000;
   server {
     listen 127.0.0.1:${plain[nginx]};
     listen 127.0.0.1:${tls[nginx]} ssl http2;
     ssl_certificate $work/bench.crt;
     ssl_certificate_key $work/bench.key;
     ssl_protocols TLSv1.2 TLSv1.3;
-    keepalive_requests 1000000;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
-  }"
+    location / { proxy_pass http://app; }
+  }
+  server { listen 127.0.0.1:${splits[nginx]}; location / { proxy_pass http://\$version; } }
+$nginx_hosts"
 
-cat > "$work/haproxy.cfg" <<EOF
+if has haproxy; then
+  cat > "$work/haproxy.cfg" <<EOF
 global
   nbthread 1
   maxconn $(( ($(ulimit -n) - 100) / 2 ))
@@ -84,15 +137,24 @@ frontend plain
 frontend tls
   bind 127.0.0.1:${tls[haproxy]} ssl crt $work/bench.pem alpn h2,http/1.1
   default_backend app
+frontend split
+  bind 127.0.0.1:${splits[haproxy]}
+  default_backend split
 backend app
   server app 127.0.0.1:$upstream
+backend split
+  balance random
+  server v1 127.0.0.1:$upstream weight 90
+  server v2 127.0.0.1:$canary weight 10
 EOF
-$serve haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
-# HAProxy daemonizes, out of reach of the job cleanup: a leftover one would share the port
-# (SO_REUSEPORT) with the next run's and take part of its load.
-trap 'kill $(cat "$work/haproxy.pid" 2>/dev/null) 2>/dev/null; cleanup' EXIT
+  $serve haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
+  # HAProxy daemonizes, out of reach of the job cleanup: a leftover one would share the port
+  # (SO_REUSEPORT) with the next run's and take part of its load.
+  trap 'kill $(cat "$work/haproxy.pid" 2>/dev/null) 2>/dev/null; cleanup' EXIT
+fi
 
-cat > "$work/Caddyfile" <<EOF
+if has caddy; then
+  cat > "$work/Caddyfile" <<EOF
 {
   admin off
   auto_https off
@@ -111,9 +173,12 @@ https://:${tls[caddy]} {
   reverse_proxy 127.0.0.1:$upstream
 }
 EOF
-GOMAXPROCS=1 XDG_DATA_HOME="$work/caddy" XDG_CONFIG_HOME="$work/caddy" \
-  $serve caddy run --config "$work/Caddyfile" --adapter caddyfile >"$work/caddy.log" 2>&1 &
-caddy_pid=$!
+  GOMAXPROCS=1 XDG_DATA_HOME="$work/caddy" XDG_CONFIG_HOME="$work/caddy" \
+    $serve caddy run --config "$work/Caddyfile" --adapter caddyfile >"$work/caddy.log" 2>&1 &
+  caddy_pid=$!
+fi
+
+start_pingora "${plain[pingora]}" $upstream
 
 { sluice_gateway sluice $admin; cat <<EOF
   - port: {number: ${plain[sluice]}, name: http, protocol: HTTP}
@@ -166,7 +231,28 @@ spec:
 EOF
 start_sluice sluice "$work/sluice.yaml" "http://127.0.0.1:${plain[sluice]}/"
 
+# The 10,000-host Sluice (scenarios hosts and reload): a directory of files, as a large installation
+# keeps it; one of them is the one edited under load.
+if want hosts || want reload; then
+  mkdir -p "$work/many"
+  { sluice_gateway many $hosts_admin; cat <<EOF
+  - port: {number: ${many[sluice]}, name: http, protocol: HTTP}
+    hosts: ["*"]
+EOF
+  } > "$work/many/gateway.yaml"
+  sluice_app_service $upstream >> "$work/many/gateway.yaml"
+  sluice_many_hosts "$work/many" 10000 10
+  RUST_LOG=warn $serve target/release/sluice run --config "$work/many" 2>"$work/many.log" &
+  many_pid=$!
+  for try in $(seq 300); do
+    curl -s -o /dev/null -H "Host: h1.bench.test" "http://127.0.0.1:${many[sluice]}/r1/" && break
+    ((try == 300)) && { echo "the 10,000-host Sluice did not start:" >&2; cat "$work/many.log" >&2; exit 1; }
+    sleep 0.1
+  done
+fi
+
 for proxy in nginx haproxy caddy; do
+  has "$proxy" || continue
   for try in $(seq 51); do
     curl -sf -o /dev/null "http://127.0.0.1:${plain[$proxy]}/" && curl -skf -o /dev/null "https://127.0.0.1:${tls[$proxy]}/" && break
     ((try == 51)) && { echo "$proxy did not start (see $work)" >&2; cat "$work"/*.log "$work"/nginx/logs/error.log >&2 2>/dev/null; exit 1; }
@@ -175,41 +261,53 @@ for proxy in nginx haproxy caddy; do
 done
 
 # pids PROXY: the processes whose CPU counts for PROXY (nginx: master and worker).
+nginx_pids() { local master; master=$(cat "$work/$1/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')"; }
 pids() {
   case $1 in
-    nginx) local master; master=$(cat "$work/nginx/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')";;
+    nginx) nginx_pids nginx;;
     haproxy) cat "$work/haproxy.pid";;
     caddy) echo "$caddy_pid";;
+    pingora) echo "$pingora_pid";;
     sluice) pgrep -f "target/release/sluice run --config $work/sluice.yaml" | head -1;;
-    upstream) local master; master=$(cat "$work/upstream/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')";;
+    sluice-many) echo "$many_pid";;
+    upstream) nginx_pids upstream;;
   esac
 }
 ticks() { local t=0; for pid in $(pids "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo $t; }
 peak_rss_kib() { local m=0; for pid in $(pids "$1"); do v=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status"); ((v > m)) && m=$v; done; echo $m; }
+rss_kib() { local t=0; for pid in $(pids "$1"); do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status"))); done; echo $t; }
 hz=$(getconf CLK_TCK)
+per_request() { awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN { if (n>0) printf "%.2f", t/hz*1e6/n; else print "nan" }'; }
 
-# load URL [h2load options…]: "requests-succeeded requests/s"
+# load URL [h2load options…]: "requests-succeeded requests/s p50 p99 p99.9" (latencies in ms).
 load() {
   local url=$1; shift
-  $load h2load "$@" -D $seconds "$url" 2>/dev/null | awk '
+  local summary
+  summary=$($load h2load "$@" -D $seconds --log-file="$work/latency.log" "$url" 2>/dev/null | awk '
     /^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") rps=$(i-1) }
     /^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") ok=$(i-1) }
-    END { print ok+0, rps+0 }'
+    END { print ok+0, rps+0 }')
+  echo "$summary $(percentiles "$work/latency.log")"
 }
 
-declare -A cpu rps
-# measure KEY PROXY URL [h2load options…]: one run, CPU µs per request and req/s recorded under KEY.
-# A short unmeasured run first, so every proxy is measured with warm connection pools.
+declare -A cpu rps p50 p99 p999
+# record KEY PROXY CPU-TICKS REQUESTS RATE [P50 P99 P99.9]: one run's figures, kept per round.
+record() {
+  cpu[$1,$2]+="$(per_request "$3" "$4") "
+  rps[$1,$2]+="$5 "
+  p50[$1,$2]+="${6:-} "; p99[$1,$2]+="${7:-} "; p999[$1,$2]+="${8:-} "
+}
+
+# measure KEY PROXY URL [h2load options…]: one run. A short unmeasured run first, so every proxy is
+# measured with warm connection pools.
 measure() {
   local key=$1 proxy=$2 url=$3; shift 3
-  local before after result ok rate
+  local before after ok rate a b c
   $load h2load "$@" -D 1 "$url" >/dev/null 2>&1 || true
   before=$(ticks "$proxy")
-  result=$(load "$url" "$@")
+  read -r ok rate a b c <<<"$(load "$url" "$@")"
   after=$(ticks "$proxy")
-  read -r ok rate <<<"$result"
-  cpu[$key,$proxy]+="$(awk -v t=$((after - before)) -v hz="$hz" -v n="$ok" 'BEGIN { if (n>0) printf "%.2f", t/hz*1e6/n; else print "nan" }') "
-  rps[$key,$proxy]+="$rate "
+  record "$key" "$proxy" $((after - before)) "$ok" "$rate" "$a" "$b" "$c"
 }
 
 # handshakes KEY PROXY PORT: CPU µs per full TLS handshake (openssl s_time, new connection each).
@@ -219,21 +317,43 @@ handshakes() {
   count=$($load openssl s_time -connect "127.0.0.1:$port" -new -time $seconds 2>/dev/null \
     | awk '/connections in .* real seconds/ { print $1; exit }')
   after=$(ticks "$proxy")
-  cpu[$key,$proxy]+="$(awk -v t=$((after - before)) -v hz="$hz" -v n="${count:-0}" 'BEGIN { if (n>0) printf "%.2f", t/hz*1e6/n; else print "nan" }') "
-  rps[$key,$proxy]+="$(awk -v n="${count:-0}" -v s=$seconds 'BEGIN { printf "%.0f", n/s }') "
+  record "$key" "$proxy" $((after - before)) "${count:-0}" "$(awk -v n="${count:-0}" -v s=$seconds 'BEGIN { printf "%.0f", n/s }')"
+}
+
+# spread_load KEY PROXY PORT [PROCESS]: wrk with bench/spread.lua (requests over 10,000 hosts × 10 routes); any
+# answer other than 2xx fails the run, so a lookup that misses cannot pass for a fast one.
+spread_load() {
+  local key=$1 proxy=$2 port=$3 process=${4:-$2} before after out ok bad
+  HOSTS=10000 ROUTES=10 $load wrk -t1 -c64 -d1s -s bench/spread.lua "http://127.0.0.1:$port" >/dev/null 2>&1 || true
+  before=$(ticks "$process")
+  out=$(HOSTS=10000 ROUTES=10 $load wrk -t1 -c64 -d${seconds}s -s bench/spread.lua "http://127.0.0.1:$port" 2>&1)
+  after=$(ticks "$process")
+  ok=$(echo "$out" | awk '/requests in/ { print $1 }')
+  bad=$(echo "$out" | awk '/Non-2xx/ { print $NF }')
+  if [[ -n $bad ]]; then echo "$proxy on port $port answered $bad requests with non-2xx:" >&2; echo "$out" >&2; exit 1; fi
+  record "$key" "$proxy" $((after - before)) "${ok:-0}" "$(awk -v n="${ok:-0}" -v s=$seconds 'BEGIN { printf "%.0f", n/s }')"
+}
+
+# at_rate PROXY URL: h2load at $rate requests/s over 64 connections; latency percentiles only.
+at_rate() {
+  local proxy=$1 url=$2 ok r a b c
+  $load h2load --h1 -c 64 -m 1 -D 1 "$url" >/dev/null 2>&1 || true
+  read -r ok r a b c <<<"$(load "$url" --h1 -c 64 -m 1 --rps=$(( (rate + 63) / 64 )))"
+  record rate "$proxy" 0 "$ok" "$r" "$a" "$b" "$c"
 }
 
 keys=()
-want() { [[ $scenario == all || $scenario == "$1" ]]; }
-want plain && keys+=(plain)
-want tls && keys+=(tls-h1 tls-h2)
-want handshake && keys+=(handshake)
+declare -A members
+want plain && { keys+=(plain); members[plain]="${proxies[*]}"; }
+want gate && { keys+=(plain); members[plain]="${proxies[*]}"; }
+want tls && { keys+=(tls-h1 tls-h2); members[tls-h1]="nginx haproxy caddy sluice"; members[tls-h2]=${members[tls-h1]}; }
+want handshake && { keys+=(handshake); members[handshake]="nginx haproxy caddy sluice"; }
+want hosts && { keys+=(hosts-1 hosts-10k); members[hosts-1]="nginx sluice"; members[hosts-10k]="nginx sluice"; }
 
 # Memory per idle keep-alive connection: RSS (all the proxy's processes) with IDLE connections open,
 # each having served one request, minus RSS before, divided by IDLE. Once per proxy (RSS does not
 # need rounds); the connections are plain HTTP/1.1.
 idle=8000
-rss_kib() { local t=0; for pid in $(pids "$1"); do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status"))); done; echo $t; }
 declare -A per_connection
 if want idle; then
   for proxy in "${proxies[@]}"; do
@@ -246,58 +366,146 @@ if want idle; then
     wait "$holder_PID" 2>/dev/null || true
     echo "idle: $proxy done" >&2
   done
+  # The built-in demo, idle: what a fresh appliance costs.
+  demo_dir=$(mktemp -d -p "$work")
+  (cd "$demo_dir" && RUST_LOG=warn exec "$OLDPWD/target/release/sluice" demo --port 18509 >/dev/null 2>&1) &
+  demo_pid=$!
+  sleep 3
+  demo_rss=$(awk '/VmRSS/ {print $2}' "/proc/$demo_pid/status" 2>/dev/null || echo 0)
+  kill "$demo_pid" 2>/dev/null || true
 fi
 
 for round in $(seq "$rounds"); do
   order=("${proxies[@]}")
-  ((round % 2 == 0)) && order=(sluice caddy haproxy nginx)
+  ((round % 2 == 0)) && order=($(printf '%s\n' "${proxies[@]}" | tac))
   for proxy in "${order[@]}"; do
-    want plain && measure plain "$proxy" "http://127.0.0.1:${plain[$proxy]}/" --h1 -c 64 -m 1
+    if want plain || want gate; then measure plain "$proxy" "http://127.0.0.1:${plain[$proxy]}/" --h1 -c 64 -m 1; fi
+    want rate && at_rate "$proxy" "http://127.0.0.1:${plain[$proxy]}/"
+    [[ -n ${tls[$proxy]:-} ]] || continue
     want tls && measure tls-h1 "$proxy" "https://127.0.0.1:${tls[$proxy]}/" --h1 -c 64 -m 1
     want tls && measure tls-h2 "$proxy" "https://127.0.0.1:${tls[$proxy]}/" -c 64 -m 1
     want handshake && handshakes handshake "$proxy" "${tls[$proxy]}"
   done
-  want plain && { r=$(load "http://127.0.0.1:$upstream/" --h1 -c 64 -m 1); rps[plain,direct]+="${r#* } "; }
+  want rate && at_rate direct "http://127.0.0.1:$upstream/"
+  if want plain; then read -r _ r _ <<<"$(load "http://127.0.0.1:$upstream/" --h1 -c 64 -m 1)"; rps[plain,direct]+="$r "; fi
+  if want hosts; then
+    # The same wrk load on both configs of each proxy: one host with one catch-all route (hosts-1),
+    # and 10,000 hosts × 10 routes (hosts-10k).
+    hosts_order=(sluice nginx); ((round % 2 == 0)) && hosts_order=(nginx sluice)
+    for proxy in "${hosts_order[@]}"; do
+      spread_load hosts-1 "$proxy" "${plain[$proxy]}"
+      spread_load hosts-10k "$proxy" "${many[$proxy]}" "$( [[ $proxy == sluice ]] && echo sluice-many || echo nginx)"
+    done
+  fi
   echo "round $round/$rounds done" >&2
 done
 
 spread() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END { printf "%s–%s", a[1], a[NR] }'; }
+column_median() { local -n table=$1; echo "${table[$2,$3]:-}" | median; }
 echo
-((${#keys[@]})) && printf '%-10s %-8s %14s %12s %18s %10s %12s\n' scenario proxy "CPU µs/req" "vs Sluice" "min–max" "req/s" "peak RSS MiB"
-for key in "${keys[@]}"; do
-  s=$(echo "${cpu[$key,sluice]}" | median)
-  for proxy in "${proxies[@]}"; do
-    c=$(echo "${cpu[$key,$proxy]}" | median)
-    printf '%-10s %-8s %14.1f %12s %18s %10.0f %12.1f\n' "$key" "$proxy" "$c" "$(ratio "$c" "$s")" \
-      "$(echo "${cpu[$key,$proxy]}" | spread)" "$(echo "${rps[$key,$proxy]}" | median)" \
-      "$(awk -v k="$(peak_rss_kib "$proxy")" 'BEGIN { print k/1024 }')"
+if ((${#keys[@]})); then
+  printf '%-10s %-8s %11s %10s %14s %9s %21s %9s\n' scenario proxy "CPU µs/req" "÷ Sluice" "min–max" "req/s" "p50/p99/p99.9 ms" "peak MiB"
+  for key in "${keys[@]}"; do
+    s=$(column_median cpu "$key" sluice)
+    for proxy in ${members[$key]}; do
+      c=$(column_median cpu "$key" "$proxy")
+      latency="-"
+      [[ -n ${p50[$key,$proxy]// /} ]] && latency="$(column_median p50 "$key" "$proxy")/$(column_median p99 "$key" "$proxy")/$(column_median p999 "$key" "$proxy")"
+      printf '%-10s %-8s %11.1f %10s %14s %9.0f %21s %9.1f\n' "$key" "$proxy" "$c" "$(ratio "$c" "$s")" \
+        "$(echo "${cpu[$key,$proxy]}" | spread)" "$(column_median rps "$key" "$proxy")" "$latency" \
+        "$(awk -v k="$(peak_rss_kib "$proxy")" 'BEGIN { print k/1024 }')"
+    done
+    [[ $key == plain && -n ${rps[plain,direct]:-} ]] && printf '%-10s %-8s %11s %10s %14s %9.0f\n' plain direct - - - "$(echo "${rps[plain,direct]}" | median)"
   done
-  [[ $key == plain ]] && printf '%-10s %-8s %14s %12s %18s %10.0f\n' plain direct - - - "$(echo "${rps[plain,direct]}" | median)"
-done
-if want split; then
-  # 100,000 requests through the 90/10 split, counted by Sluice's own metrics per version.
-  $load h2load --h1 -c 64 -m 1 -D 1 "http://127.0.0.1:$split/" >/dev/null 2>&1 || true
-  before=$(curl -s "http://127.0.0.1:$admin/metrics")
-  t0=$(ticks sluice)
-  served=$($load h2load --h1 -c 64 -m 1 -n 100000 "http://127.0.0.1:$split/" 2>/dev/null \
-    | awk '/^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") print $(i-1) }')
-  t1=$(ticks sluice)
-  cpu[split,sluice]=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="${served:-0}" 'BEGIN { if (n>0) printf "%.2f", t/hz*1e6/n; else print "nan" }')
-  sleep 0.5 # metrics are recorded after each response is sent
-  after=$(curl -s "http://127.0.0.1:$admin/metrics")
-  count() { echo "$1" | awk -v v="destination_version=\"$2\"" 'index($0, "istio_requests_total{") == 1 && index($0, v) { n += $NF } END { print n+0 }'; }
-  v1=$(( $(count "$after" v1) - $(count "$before" v1) )); v2=$(( $(count "$after" v2) - $(count "$before" v2) ))
+fi
+if want hosts; then
   echo
-  awk -v a="$v1" -v b="$v2" -v c="$(echo "${cpu[split,sluice]}" | median)" -v p="$(echo "${cpu[plain,sluice]:-}" | median)" 'BEGIN {
-    printf "split      sluice   90/10 over %d requests: v1 %.2f%%, v2 %.2f%% (target 90 ± 1); CPU %.1f µs/req", a+b, 100*a/(a+b), 100*b/(a+b), c
-    if (p > 0) printf " (plain: %.1f)", p; print "" }'
+  for proxy in sluice nginx; do
+    a=$(column_median cpu hosts-1 "$proxy"); d=$(column_median cpu hosts-10k "$proxy")
+    echo "hosts      $proxy: CPU per request with 10,000 hosts × 10 routes ÷ with one route: $(ratio "$d" "$a") (target for Sluice ≤ 1.10)"
+  done
+fi
+if want rate; then
+  echo
+  echo "rate       $rate requests/s, 64 connections; latency in ms; added = proxy − direct"
+  d50=$(column_median p50 rate direct); d99=$(column_median p99 rate direct); d999=$(column_median p999 rate direct)
+  printf '%-10s %-8s %8s %8s %8s %12s %12s\n' scenario proxy p50 p99 p99.9 "added p50" "added p99"
+  for proxy in direct "${proxies[@]}"; do
+    a=$(column_median p50 rate "$proxy"); b=$(column_median p99 rate "$proxy"); c=$(column_median p999 rate "$proxy")
+    printf '%-10s %-8s %8.2f %8.2f %8.2f %12s %12s\n' rate "$proxy" "$a" "$b" "$c" \
+      "$(awk -v x="$a" -v y="$d50" 'BEGIN { printf "%.2f", x-y }')" "$(awk -v x="$b" -v y="$d99" 'BEGIN { printf "%.2f", x-y }')"
+  done
+fi
+if want split; then
+  # 100,000 requests through each proxy's 90/10 split. Sluice's shares come from its own metrics;
+  # nginx's and HAProxy's from the two upstreams' access logs (flushed before counting).
+  count_log() { nginx -p "$work/$1" -c nginx.conf -s reopen 2>/dev/null; sleep 1.2; wc -l < "$work/$1.log" 2>/dev/null || echo 0; }
+  echo
+  for proxy in sluice nginx haproxy; do
+    $load h2load --h1 -c 64 -m 1 -D 1 "http://127.0.0.1:${splits[$proxy]}/" >/dev/null 2>&1 || true
+    before=$(curl -s "http://127.0.0.1:$admin/metrics"); v1_before=$(count_log upstream); v2_before=$(count_log canary)
+    t0=$(ticks "$proxy")
+    served=$($load h2load --h1 -c 64 -m 1 -n 100000 "http://127.0.0.1:${splits[$proxy]}/" 2>/dev/null \
+      | awk '/^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") print $(i-1) }')
+    t1=$(ticks "$proxy")
+    sleep 0.5 # metrics are recorded after each response is sent
+    if [[ $proxy == sluice ]]; then
+      after=$(curl -s "http://127.0.0.1:$admin/metrics")
+      count() { echo "$1" | awk -v v="destination_version=\"$2\"" 'index($0, "istio_requests_total{") == 1 && index($0, v) { n += $NF } END { print n+0 }'; }
+      v1=$(( $(count "$after" v1) - $(count "$before" v1) )); v2=$(( $(count "$after" v2) - $(count "$before" v2) ))
+    else
+      v1=$(( $(count_log upstream) - v1_before )); v2=$(( $(count_log canary) - v2_before ))
+    fi
+    awk -v p="$proxy" -v a="$v1" -v b="$v2" -v c="$(per_request $((t1 - t0)) "${served:-0}")" 'BEGIN {
+      printf "split      %-8s 90/10 over %d requests: v1 %.2f%%, v2 %.2f%%; CPU %.1f µs/req\n", p, a+b, 100*a/(a+b), 100*b/(a+b), c }'
+  done
+  echo "           target for Sluice: v1 90 ± 1 %"
 fi
 if want idle; then
   echo
   printf '%-10s %-8s %20s\n' scenario proxy "KiB per idle conn"
   for proxy in "${proxies[@]}"; do printf '%-10s %-8s %20s\n' idle "$proxy" "${per_connection[$proxy]}"; done
+  echo "idle       sluice demo (built-in config), RSS at idle: $(awk -v k="$demo_rss" 'BEGIN { printf "%.1f", k/1024 }') MiB (target < 30)"
+fi
+if want reload; then
+  # Edits of one file of the 10,000-host config while wrk keeps 64 connections busy on it: each edit
+  # adds a VirtualService for a new host; the time is from the write to that host's first 200.
+  HOSTS=10000 ROUTES=10 $load wrk -t1 -c64 -d$((rounds * 3 + 10))s -s bench/spread.lua \
+    "http://127.0.0.1:${many[sluice]}" >"$work/reload-load.txt" 2>&1 &
+  wrk_pid=$!
+  sleep 2
+  times=()
+  for edit in $(seq "$rounds"); do
+    cat >> "$work/many/hosts-3.yaml" <<EOF
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: added-$edit}
+spec: {hosts: [added-$edit.bench.test], gateways: [gw], http: [{route: [{destination: {host: app.bench}}]}]}
+EOF
+    t0=$(date +%s%N)
+    for _ in $(seq 5000); do
+      [[ $(curl -s -o /dev/null -w '%{http_code}' -H "Host: added-$edit.bench.test" "http://127.0.0.1:${many[sluice]}/") == 200 ]] && break
+      sleep 0.002
+    done
+    times+=("$(( ($(date +%s%N) - t0) / 1000000 ))")
+    sleep 2
+  done
+  wait "$wrk_pid" || true
+  echo
+  echo "reload     10,000 hosts × 10 routes, one file edited under load: write → new route serving, ms: ${times[*]} (median $(echo "${times[*]}" | median); target < 250)"
+  echo "reload     load during the edits: $(awk '/requests in/ { print $1 " requests" } /Socket errors/ { print "; socket errors: " $0 } /Non-2xx/ { print "; non-2xx: " $NF }' "$work/reload-load.txt" | tr -d '\n')"
+  grep -h "reload" "$work/many.log" | tail -3 >&2 || true
 fi
 echo
-echo "“vs Sluice” is the peer's CPU per request ÷ Sluice's: above 1 means Sluice uses less CPU."
+echo "“÷ Sluice” is the peer's CPU per request ÷ Sluice's: above 1 means Sluice uses less CPU."
 echo "handshake: CPU µs per full TLS handshake; req/s column = handshakes/s."
 echo "machine: $(nproc) cores, $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), Caddy $(caddy version | awk '{print $1}'); pinned: ${load:-no}; $rounds rounds × $seconds s"
+if want gate; then
+  s=$(column_median cpu plain sluice); p=$(column_median cpu plain pingora); n=$(column_median cpu plain nginx)
+  vs_pingora=$(ratio "$s" "$p"); vs_nginx=$(ratio "$s" "$n")
+  echo "gate: Sluice CPU per request = ${vs_pingora}× bare Pingora (bound $gate_vs_pingora), ${vs_nginx}× nginx (bound $gate_vs_nginx; the issue's target 1.2× is not met, see BENCHMARKS.md)"
+  awk -v a="$vs_pingora" -v b="$gate_vs_pingora" -v c="$vs_nginx" -v d="$gate_vs_nginx" 'BEGIN { exit !(a <= b && c <= d) }' \
+    || { echo "gate: FAILED" >&2; exit 1; }
+  echo "gate: passed"
+fi
