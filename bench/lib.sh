@@ -2,11 +2,16 @@
 # removed on exit, pins load and servers to different cores, and starts the upstream every proxy
 # under test shares. Source it from a script that has `set -euo pipefail` and is in the repo root.
 
+# The peers and load generators, from Debian; a script may add to bench_packages before sourcing.
 need=()
-for pkg in nginx-light nghttp2-client openssl curl; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+for pkg in nginx-light nghttp2-client openssl curl ${bench_packages:-}; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 if ((${#need[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 scripts/setup
 # Sluice, and the bare Pingora proxy measured beside it (gateway/sluice/examples/bare_pingora.rs).
