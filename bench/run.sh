@@ -237,7 +237,7 @@ EOF
   } > "$work/many/gateway.yaml"
   sluice_app_service $upstream >> "$work/many/gateway.yaml"
   sluice_many_hosts "$work/many" 10000 10
-  RUST_LOG=warn $serve target/release/sluice run --config "$work/many" 2>"$work/many.log" &
+  RUST_LOG=warn,sluice::reload=info $serve target/release/sluice run --config "$work/many" 2>"$work/many.log" &
   many_pid=$!
   for try in $(seq 300); do
     curl -s -o /dev/null -H "Host: h1.bench.test" "http://127.0.0.1:${many[sluice]}/r1/" && break
@@ -492,7 +492,7 @@ EOF
   echo
   echo "reload     10,000 hosts × 10 routes, one file edited under load: write → new route serving, ms: ${times[*]} (median $(echo "${times[*]}" | median); target < 250)"
   echo "reload     load during the edits: $(awk '/requests in/ { print $1 " requests" } /Socket errors/ { print "; socket errors: " $0 } /Non-2xx/ { print "; non-2xx: " $NF }' "$work/reload-load.txt" | tr -d '\n')"
-  grep -h "reload" "$work/many.log" | tail -3 >&2 || true
+  grep -h "reload" "$work/many.log" | tail -"$rounds" >&2 || true
 fi
 echo
 echo "“÷ Sluice” is the peer's CPU per request ÷ Sluice's: above 1 means Sluice uses less CPU."

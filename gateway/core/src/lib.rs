@@ -16,7 +16,7 @@ pub mod validate;
 
 use std::path::PathBuf;
 
-use config::ConfigSet;
+use config::{ConfigSet, ParseCache};
 use diag::Diagnostics;
 use model::Model;
 use snapshot::Snapshot;
@@ -41,6 +41,13 @@ impl Loaded {
 /// Load → validate, for config files on disk.
 pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     let (set, diagnostics) = ConfigSet::load_paths(paths);
+    check(set, diagnostics)
+}
+
+/// [`load_paths`], parsing only the documents `cache` does not hold from an earlier load: how a
+/// reload of a large config stays fast when one file changed.
+pub fn load_paths_cached(paths: &[PathBuf], cache: &mut ParseCache) -> Loaded {
+    let (set, diagnostics) = ConfigSet::load_paths_cached(paths, cache);
     check(set, diagnostics)
 }
 

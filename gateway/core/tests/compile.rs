@@ -274,3 +274,63 @@ fn a_tls_name_belongs_to_one_server_per_port() {
         "{found:#?}"
     );
 }
+
+/// A reload parses only what changed: unchanged documents are the very same parsed values, a
+/// changed one is new, and every document reports positions in the file as it is now.
+#[test]
+fn reloads_reuse_unchanged_documents_and_follow_their_new_positions() {
+    use sluice_core::config::{ConfigSet, ParseCache};
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(format!("sluice-parse-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.yaml");
+    let gateway = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+                   spec: {servers: [{port: {number: 8080, protocol: HTTP}, hosts: ['*']}]}\n";
+    let service = |name: &str, host: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\n\
+             spec:\n  hosts: [{host}]\n  gateways: [gw]\n  http:\n  - directResponse: {{status: 200}}\n"
+        )
+    };
+    let (a, b) = (service("a", "a.test"), service("b", "b.test"));
+    std::fs::write(&file, format!("{gateway}---\n{a}---\n{b}")).unwrap();
+    let mut cache = ParseCache::default();
+    let (first, diagnostics) = ConfigSet::load_paths_cached(std::slice::from_ref(&dir), &mut cache);
+    assert!(!diagnostics.has_errors(), "{diagnostics:?}");
+
+    // b changes; a new document goes in front of both, moving them down.
+    let (b2, c) = (service("b", "b2.test"), service("c", "c.test"));
+    std::fs::write(&file, format!("{gateway}---\n{c}---\n{a}---\n{b2}")).unwrap();
+    let (second, diagnostics) =
+        ConfigSet::load_paths_cached(std::slice::from_ref(&dir), &mut cache);
+    assert!(!diagnostics.has_errors(), "{diagnostics:?}");
+    let by_name = |set: &ConfigSet, name: &str| {
+        set.virtual_services
+            .iter()
+            .find(|d| d.metadata.name == name)
+            .cloned()
+            .unwrap()
+    };
+    assert!(Arc::ptr_eq(
+        &by_name(&first, "a").spec,
+        &by_name(&second, "a").spec
+    ));
+    assert!(Arc::ptr_eq(
+        &first.gateways[0].spec,
+        &second.gateways[0].spec
+    ));
+    assert!(!Arc::ptr_eq(
+        &by_name(&first, "b").spec,
+        &by_name(&second, "b").spec
+    ));
+    assert_eq!(
+        by_name(&second, "b").spec.hosts,
+        vec!["b2.test".to_string()]
+    );
+    // a's `hosts` line: after the gateway, c and two markers, then a's own first four lines.
+    let hosts_line = format!("{gateway}---\n{c}---\n").lines().count() + 5;
+    let moved = by_name(&second, "a");
+    assert_eq!(moved.origin.position_of("spec.hosts").line, hosts_line);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -127,13 +127,15 @@ fn serve(startup: crate::server::Startup) -> anyhow::Result<ExitCode> {
 }
 
 fn run(configs: &[PathBuf], upgrade: bool) -> anyhow::Result<ExitCode> {
-    let loaded = sluice_core::load_paths(configs);
+    let mut parsed = sluice_core::config::ParseCache::default();
+    let loaded = sluice_core::load_paths_cached(configs, &mut parsed);
     match report(&loaded, false) {
         Some(snapshot) => serve(crate::server::Startup {
             snapshot,
             paths: configs.to_vec(),
             files: loaded.files.clone(),
             fingerprint: loaded.fingerprint,
+            parsed,
             upgrade,
         }),
         None => {
@@ -159,6 +161,7 @@ fn demo(port: u16) -> anyhow::Result<ExitCode> {
         paths: Vec::new(),
         files: Vec::new(),
         fingerprint: loaded.fingerprint,
+        parsed: sluice_core::config::ParseCache::default(),
         upgrade: false,
     })
 }

@@ -27,6 +27,8 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 const SETTLE_COMPLETE: Duration = Duration::from_millis(20);
 /// Reload at the latest this long after the first event of a burst, even if events keep coming.
 const MAX_DELAY: Duration = Duration::from_secs(1);
+/// How often generations replaced by a reload are checked for being unused, and freed.
+const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Reloader {
     pub paths: Vec<PathBuf>,
@@ -34,7 +36,14 @@ pub struct Reloader {
     /// What was bound at start: changes to these need a restart.
     started_with: StartupShape,
     /// Held for a whole reload: the watcher, SIGHUP and the admin API never interleave.
-    last_fingerprint: std::sync::Mutex<u64>,
+    last: std::sync::Mutex<LastLoad>,
+}
+
+/// What the previous load leaves the next: its fingerprint (equal means nothing changed) and its
+/// parsed documents (only changed ones are parsed again).
+struct LastLoad {
+    fingerprint: u64,
+    parsed: sluice_core::config::ParseCache,
 }
 
 #[derive(Debug, Clone)]
@@ -99,13 +108,21 @@ impl StartupShape {
 }
 
 impl Reloader {
-    pub fn new(paths: Vec<PathBuf>, live: Arc<Live>, fingerprint: u64) -> Self {
+    pub fn new(
+        paths: Vec<PathBuf>,
+        live: Arc<Live>,
+        fingerprint: u64,
+        parsed: sluice_core::config::ParseCache,
+    ) -> Self {
         let started_with = StartupShape::of(&live.current().snapshot);
         Self {
             paths,
             live,
             started_with,
-            last_fingerprint: std::sync::Mutex::new(fingerprint),
+            last: std::sync::Mutex::new(LastLoad {
+                fingerprint,
+                parsed,
+            }),
         }
     }
 
@@ -113,11 +130,14 @@ impl Reloader {
     /// even when no file changed (SIGHUP, admin API). Returns the generation now serving.
     pub fn reload(&self, trigger: &str, force: bool) -> Result<u64, String> {
         let mut last = self
-            .last_fingerprint
+            .last
             .lock()
             .map_err(|_| "a previous reload panicked".to_string())?;
-        let loaded = sluice_core::load_paths(&self.paths);
-        let unchanged = std::mem::replace(&mut *last, loaded.fingerprint) == loaded.fingerprint;
+        let started = std::time::Instant::now();
+        let loaded = sluice_core::load_paths_cached(&self.paths, &mut last.parsed);
+        let loaded_in = started.elapsed();
+        let unchanged =
+            std::mem::replace(&mut last.fingerprint, loaded.fingerprint) == loaded.fingerprint;
         let serving = self.live.current().number;
         if unchanged && !force {
             return Ok(serving);
@@ -130,11 +150,14 @@ impl Reloader {
             .collect();
         // Certificates are part of what must load: a broken one rejects the whole reload.
         let built = loaded.snapshot().map(|snapshot| {
+            let compiled_in = started.elapsed();
             let tls = crate::tls::TlsListeners::build(&snapshot);
-            (snapshot, tls)
+            (snapshot, tls.map(|tls| (tls, compiled_in)))
         });
         let (built, certificate_errors) = match built {
-            Some((snapshot, Ok(tls))) => (Some((snapshot, tls)), Vec::new()),
+            Some((snapshot, Ok((tls, compiled_in)))) => {
+                (Some((snapshot, tls, compiled_in)), Vec::new())
+            }
             Some((_, Err(errors))) => (None, errors),
             None => (None, Vec::new()),
         };
@@ -159,7 +182,7 @@ impl Reloader {
                 });
                 Err(text)
             }
-            Some((snapshot, tls)) => {
+            Some((snapshot, tls, compiled_in)) => {
                 let needs_restart = self.started_with.needs_restart(&snapshot);
                 for message in &needs_restart {
                     warn!("{message}");
@@ -169,7 +192,14 @@ impl Reloader {
                 }
                 let names = snapshot.dns_names().to_vec();
                 let generation = self.live.apply(snapshot, tls);
-                info!("config reload ({trigger}) applied: generation {generation}");
+                info!(
+                    "config reload ({trigger}) applied: generation {generation} in {} ms \
+                     (load and validate {} ms, compile {} ms)",
+                    started.elapsed().as_millis(),
+                    loaded_in.as_millis(),
+                    (compiled_in - loaded_in).as_millis(),
+                );
+                self.live.release_retired();
                 self.live.metrics.record_reload(true, generation);
                 self.live.update_status(|s| {
                     s.generation = generation;
@@ -303,9 +333,16 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
+        // Replaced generations are freed here, once the requests that used them are done.
+        let mut release = tokio::time::interval(RELEASE_INTERVAL);
+        release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = release.tick() => {
+                    let live = self.reloader.live.clone();
+                    let _ = tokio::task::spawn_blocking(move || live.release_retired()).await;
+                }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     self.run_reload("SIGHUP", true).await;
                 }

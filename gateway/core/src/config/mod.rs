@@ -1,13 +1,19 @@
 //! Loading config files into typed documents.
 //!
 //! First stage of the data flow: YAML text → [`ConfigSet`] (raw, typed documents that remember their
-//! [`Origin`]). Every document is parsed twice by serde_yaml: once for its `apiVersion`/`kind`
-//! header, once into the struct for that kind, so that type errors carry serde_yaml's exact position
-//! and field path. Nothing here resolves references; that is [`crate::validate`]'s job.
+//! [`Origin`]). A document's `apiVersion`/`kind` header is read first (from its top-level lines,
+//! or by serde_yaml when it is written less plainly), then serde_yaml parses it into the struct for
+//! that kind, so that type errors carry serde_yaml's exact position and field path. Nothing here
+//! resolves references; that is [`crate::validate`]'s job.
+//!
+//! A [`ParseCache`] carried from one load to the next keeps every typed document by its text: a
+//! reload parses only the documents that changed (parsing is most of a large config's load time).
 
 pub mod istio;
 pub mod settings;
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,11 +67,12 @@ impl ObjectMeta {
     }
 }
 
-/// One typed document with its metadata and where it came from.
+/// One typed document with its metadata and where it came from. The parsed parts are shared with
+/// the [`ParseCache`], so an unchanged document costs nothing to load again.
 #[derive(Debug, Clone)]
 pub struct Document<T> {
-    pub metadata: ObjectMeta,
-    pub spec: T,
+    pub metadata: Arc<ObjectMeta>,
+    pub spec: Arc<T>,
     pub origin: Origin,
 }
 
@@ -87,6 +94,41 @@ pub struct ConfigSet {
     pub files: Vec<PathBuf>,
     /// Hash of every file's path and text: equal fingerprints mean nothing changed on disk.
     pub fingerprint: u64,
+}
+
+/// Documents parsed by earlier loads, by their text. Give the same cache to every load of a config
+/// (reloads); each load keeps only the documents it saw, so the cache holds one config's worth.
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    documents: HashMap<TextKey, Parsed>,
+}
+
+/// A document's text, by a 64-bit hash and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct TextKey {
+    hash: u64,
+    len: usize,
+}
+
+impl TextKey {
+    fn of(text: &str) -> Self {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        Self {
+            hash: hasher.finish(),
+            len: text.len(),
+        }
+    }
+}
+
+/// A document as parsed, ready to be placed at a new [`Origin`].
+#[derive(Debug, Clone)]
+enum Parsed {
+    Settings(Arc<ObjectMeta>, Arc<GatewaySettingsSpec>),
+    Gateway(Arc<ObjectMeta>, Arc<istio::GatewaySpec>),
+    VirtualService(Arc<ObjectMeta>, Arc<istio::VirtualServiceSpec>),
+    DestinationRule(Arc<ObjectMeta>, Arc<istio::DestinationRuleSpec>),
+    ServiceEntry(Arc<ObjectMeta>, Arc<istio::ServiceEntrySpec>),
 }
 
 /// The typed shape of a whole document of one kind.
@@ -119,11 +161,26 @@ impl ConfigSet {
     /// Loads every `*.yaml`/`*.yml` file named by `paths` (files, or directories read one level deep in
     /// name order; hidden entries such as a ConfigMap's `..data` are skipped).
     pub fn load_paths(paths: &[PathBuf]) -> (ConfigSet, Diagnostics) {
+        Self::load_paths_cached(paths, &mut ParseCache::default())
+    }
+
+    /// [`Self::load_paths`], parsing only documents that `cache` does not already hold, and leaving
+    /// in `cache` exactly the documents of this load.
+    pub fn load_paths_cached(
+        paths: &[PathBuf],
+        cache: &mut ParseCache,
+    ) -> (ConfigSet, Diagnostics) {
         let mut set = ConfigSet::default();
         let mut diagnostics = Diagnostics::default();
+        let mut loader = Loader {
+            earlier: std::mem::take(&mut cache.documents),
+            now: HashMap::new(),
+        };
         for file in expand_paths(paths, &mut diagnostics) {
             match read_limited(&file) {
-                Ok(text) => set.add_text(SourceFile::new(file, text), &mut diagnostics),
+                Ok(text) => {
+                    set.add_text(SourceFile::new(file, text), &mut loader, &mut diagnostics)
+                }
                 Err(message) => diagnostics.push(Diagnostic::error(
                     &file,
                     Position { line: 1, column: 1 },
@@ -131,6 +188,7 @@ impl ConfigSet {
                 )),
             }
         }
+        cache.documents = loader.now;
         (set, diagnostics)
     }
 
@@ -141,13 +199,22 @@ impl ConfigSet {
         if text.len() > MAX_FILE_BYTES {
             diagnostics.push(too_large(name, text.len()));
         } else {
-            set.add_text(SourceFile::new(name, text.to_string()), &mut diagnostics);
+            let mut loader = Loader::default();
+            set.add_text(
+                SourceFile::new(name, text.to_string()),
+                &mut loader,
+                &mut diagnostics,
+            );
         }
         (set, diagnostics)
     }
 
-    fn add_text(&mut self, file: Arc<SourceFile>, diagnostics: &mut Diagnostics) {
-        use std::hash::{Hash, Hasher};
+    fn add_text(
+        &mut self,
+        file: Arc<SourceFile>,
+        loader: &mut Loader,
+        diagnostics: &mut Diagnostics,
+    ) {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (self.fingerprint, file.path(), file.text()).hash(&mut hasher);
         self.fingerprint = hasher.finish();
@@ -163,6 +230,16 @@ impl ConfigSet {
                 continue;
             }
             real_documents += 1;
+            let key = TextKey::of(text);
+            if let Some(parsed) = loader
+                .earlier
+                .remove(&key)
+                .or_else(|| loader.now.get(&key).cloned())
+            {
+                self.place(parsed.clone(), origin, diagnostics);
+                loader.now.insert(key, parsed);
+                continue;
+            }
             if let Some(at) = crate::source::flow_too_deep(text) {
                 diagnostics.push(Diagnostic::error(
                     file.path(),
@@ -174,9 +251,17 @@ impl ConfigSet {
                 ));
                 continue;
             }
-            match peek_header(text).map_or_else(|| serde_yaml::from_str::<Header>(text), Ok) {
-                Ok(header) => self.add_document(&file, origin, header, diagnostics),
-                Err(error) => diagnostics.push(yaml_error(&origin, &error)),
+            let header = peek_header(text).map_or_else(|| serde_yaml::from_str::<Header>(text), Ok);
+            let parsed = match header {
+                Ok(header) => parse_document(&origin, header, diagnostics),
+                Err(error) => {
+                    diagnostics.push(yaml_error(&origin, &error));
+                    None
+                }
+            };
+            if let Some(parsed) = parsed {
+                self.place(parsed.clone(), origin, diagnostics);
+                loader.now.insert(key, parsed);
             }
         }
         if real_documents == 0 {
@@ -188,81 +273,119 @@ impl ConfigSet {
         }
     }
 
-    fn add_document(
-        &mut self,
-        file: &Arc<SourceFile>,
-        origin: Origin,
-        header: Header,
-        diagnostics: &mut Diagnostics,
-    ) {
-        let Some(kind) = header.kind.as_deref() else {
-            diagnostics.error(&origin, "", "document has no `kind`");
-            return;
-        };
-        let Some(api_version) = header.api_version.as_deref() else {
-            diagnostics.error(&origin, "kind", "document has no `apiVersion`");
-            return;
-        };
-        let expected: &[&str] = if kind == settings::KIND {
-            &[SLUICE_API_VERSION]
-        } else {
-            &ISTIO_API_VERSIONS
-        };
-        let known_kind = matches!(
-            kind,
-            "Gateway" | "VirtualService" | "DestinationRule" | "ServiceEntry" | settings::KIND
-        );
-        if !known_kind {
-            diagnostics.error(
-                &origin,
-                "kind",
-                format!(
-                    "unknown kind `{kind}`: expected Gateway, VirtualService, DestinationRule, \
-                     ServiceEntry or {}",
-                    settings::KIND
-                ),
-            );
-            return;
+    /// Adds a parsed document at `origin`.
+    fn place(&mut self, parsed: Parsed, origin: Origin, diagnostics: &mut Diagnostics) {
+        fn push<T>(
+            into: &mut Vec<Document<T>>,
+            metadata: Arc<ObjectMeta>,
+            spec: Arc<T>,
+            origin: Origin,
+            diagnostics: &mut Diagnostics,
+        ) {
+            if metadata.name.is_empty() {
+                diagnostics.error(&origin, "metadata", "`metadata.name` is required");
+            }
+            into.push(Document {
+                metadata,
+                spec,
+                origin,
+            });
         }
-        if !expected.contains(&api_version) {
-            diagnostics.error(
-                &origin,
-                "apiVersion",
-                format!(
-                    "apiVersion `{api_version}` is not known for kind {kind}: expected {}",
-                    expected.join(" or ")
-                ),
-            );
-            return;
-        }
-        match kind {
-            "Gateway" => push_typed(&mut self.gateways, file, origin, diagnostics),
-            "VirtualService" => push_typed(&mut self.virtual_services, file, origin, diagnostics),
-            "DestinationRule" => push_typed(&mut self.destination_rules, file, origin, diagnostics),
-            "ServiceEntry" => push_typed(&mut self.service_entries, file, origin, diagnostics),
-            _ => push_typed(&mut self.settings, file, origin, diagnostics),
+        match parsed {
+            Parsed::Settings(m, s) => push(&mut self.settings, m, s, origin, diagnostics),
+            Parsed::Gateway(m, s) => push(&mut self.gateways, m, s, origin, diagnostics),
+            Parsed::VirtualService(m, s) => {
+                push(&mut self.virtual_services, m, s, origin, diagnostics)
+            }
+            Parsed::DestinationRule(m, s) => {
+                push(&mut self.destination_rules, m, s, origin, diagnostics)
+            }
+            Parsed::ServiceEntry(m, s) => {
+                push(&mut self.service_entries, m, s, origin, diagnostics)
+            }
         }
     }
 }
 
-fn push_typed<T: DeserializeOwned + Default>(
-    into: &mut Vec<Document<T>>,
-    file: &SourceFile,
-    origin: Origin,
+/// The documents a load may reuse (`earlier`) and those it has seen (`now`, the next cache).
+#[derive(Default)]
+struct Loader {
+    earlier: HashMap<TextKey, Parsed>,
+    now: HashMap<TextKey, Parsed>,
+}
+
+/// Checks a document's kind and apiVersion, then parses it into that kind's struct.
+fn parse_document(
+    origin: &Origin,
+    header: Header,
     diagnostics: &mut Diagnostics,
-) {
-    match serde_yaml::from_str::<Object<T>>(file.document_text(origin.document)) {
-        Ok(object) => {
-            if object.metadata.name.is_empty() {
-                diagnostics.error(&origin, "metadata", "`metadata.name` is required");
-            }
-            into.push(Document {
-                metadata: object.metadata,
-                spec: object.spec.unwrap_or_default(),
-                origin,
-            });
+) -> Option<Parsed> {
+    let Some(kind) = header.kind.as_deref() else {
+        diagnostics.error(origin, "", "document has no `kind`");
+        return None;
+    };
+    let Some(api_version) = header.api_version.as_deref() else {
+        diagnostics.error(origin, "kind", "document has no `apiVersion`");
+        return None;
+    };
+    let expected: &[&str] = if kind == settings::KIND {
+        &[SLUICE_API_VERSION]
+    } else {
+        &ISTIO_API_VERSIONS
+    };
+    let known_kind = matches!(
+        kind,
+        "Gateway" | "VirtualService" | "DestinationRule" | "ServiceEntry" | settings::KIND
+    );
+    if !known_kind {
+        diagnostics.error(
+            origin,
+            "kind",
+            format!(
+                "unknown kind `{kind}`: expected Gateway, VirtualService, DestinationRule, \
+                 ServiceEntry or {}",
+                settings::KIND
+            ),
+        );
+        return None;
+    }
+    if !expected.contains(&api_version) {
+        diagnostics.error(
+            origin,
+            "apiVersion",
+            format!(
+                "apiVersion `{api_version}` is not known for kind {kind}: expected {}",
+                expected.join(" or ")
+            ),
+        );
+        return None;
+    }
+    match kind {
+        "Gateway" => parse_typed(origin, diagnostics).map(|(m, s)| Parsed::Gateway(m, s)),
+        "VirtualService" => {
+            parse_typed(origin, diagnostics).map(|(m, s)| Parsed::VirtualService(m, s))
         }
-        Err(error) => diagnostics.push(yaml_error(&origin, &error)),
+        "DestinationRule" => {
+            parse_typed(origin, diagnostics).map(|(m, s)| Parsed::DestinationRule(m, s))
+        }
+        "ServiceEntry" => parse_typed(origin, diagnostics).map(|(m, s)| Parsed::ServiceEntry(m, s)),
+        _ => parse_typed(origin, diagnostics).map(|(m, s)| Parsed::Settings(m, s)),
+    }
+}
+
+fn parse_typed<T: DeserializeOwned + Default>(
+    origin: &Origin,
+    diagnostics: &mut Diagnostics,
+) -> Option<(Arc<ObjectMeta>, Arc<T>)> {
+    match serde_yaml::from_str::<Object<T>>(origin.file.document_text(origin.document)) {
+        Ok(object) => Some((
+            Arc::new(object.metadata),
+            Arc::new(object.spec.unwrap_or_default()),
+        )),
+        Err(error) => {
+            diagnostics.push(yaml_error(origin, &error));
+            None
+        }
     }
 }
 
