@@ -112,6 +112,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
         self.inner.process_new_http(session, shutdown)
     }
 
+    /// Forwards a TLS passthrough or TCP connection. Boxed: the connection's own future, which an
+    /// idle HTTP connection keeps too, should not carry the forwarding state.
+    async fn forward(&self, stream: Stream, route: &L4Route, generation: &Generation) {
+        Box::pin(crate::upstream::forward(
+            stream, route, generation, &self.live,
+        ))
+        .await
+    }
+
     async fn tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
         // The TLS handshake (and what precedes it) must finish in time: a client that sends a
         // ClientHello and then nothing may not hold the connection.
@@ -120,13 +129,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
             Ok(TlsOutcome::Terminated(tls)) => self.serve_http(ReplayIo::new(tls), shutdown).await,
             // Forwarding is not part of the handshake deadline.
             Ok(TlsOutcome::Passthrough(stream, route, generation)) => {
-                Box::pin(crate::upstream::forward(
-                    stream,
-                    &route,
-                    &generation,
-                    &self.live,
-                ))
-                .await
+                self.forward(stream, &route, &generation).await
             }
             Ok(TlsOutcome::Closed) => {}
             Err(_) => {
@@ -298,15 +301,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
                     .listener(self.port)
                     .and_then(|l| l.tcp_routes.first().cloned());
                 match route {
-                    Some(route) => {
-                        Box::pin(crate::upstream::forward(
-                            stream,
-                            &route,
-                            &generation,
-                            &self.live,
-                        ))
-                        .await
-                    }
+                    Some(route) => self.forward(stream, &route, &generation).await,
                     None => debug!("port {}: no TCP route", self.port),
                 }
             }
