@@ -55,7 +55,7 @@ systemctl stop caddy haproxy nginx 2>/dev/null || true
 want() { [[ $scenario == "$1" || ($scenario == all && $1 != gate) ]]; }
 if want gate; then seconds=3; fi
 
-upstream=18501 admin=18502 canary=18503 split=18515 hosts_admin=18506
+upstream=18501 admin=18502 stable=18504 canary=18503 split=18515 hosts_admin=18506
 declare -A plain=([nginx]=18511 [haproxy]=18512 [caddy]=18513 [sluice]=18514 [pingora]=18516)
 declare -A tls=([nginx]=18521 [haproxy]=18522 [caddy]=18523 [sluice]=18524)
 declare -A splits=([nginx]=18531 [haproxy]=18532 [sluice]=$split)
@@ -67,21 +67,22 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
   -addext subjectAltName=DNS:bench.test -keyout "$work/bench.key" -out "$work/bench.crt" 2>/dev/null
 cat "$work/bench.crt" "$work/bench.key" > "$work/bench.pem"
 
-for port in $upstream $admin $canary $hosts_admin "${plain[@]}" "${tls[@]}" "${splits[@]}" "${many[@]}"; do
+for port in $upstream $admin $stable $canary $hosts_admin "${plain[@]}" "${tls[@]}" "${splits[@]}" "${many[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use (a proxy left from an earlier run?): stop it first" >&2; exit 1
   fi
 done
-# The upstream (and its canary version for the weighted splits) count requests in their access
-# logs only for the split scenario; elsewhere logging would be part of every proxy's round trip.
-upstream_log() { if want split; then echo "access_log $work/$1.log bench buffer=64k flush=1s;"; else echo "access_log off;"; fi; }
-upstream_block() { # NAME PORT
+# The upstream every proxy shares, without a log: logging would be part of every round trip. The
+# weighted splits have their own two versions, stable and canary, each counting its requests in a
+# buffered access log.
+upstream_block() { # PORT ACCESS-LOG-DIRECTIVE
   echo "  log_format bench \$status;
-  $(upstream_log "$1")
-  server { listen 127.0.0.1:$2; keepalive_requests 1000000; location / { return 200 \"ok\"; } }"
+  $2
+  server { listen 127.0.0.1:$1; keepalive_requests 1000000; location / { return 200 \"ok\"; } }"
 }
-start_nginx upstream "$(upstream_block upstream $upstream)"
-start_nginx canary "$(upstream_block canary $canary)"
+start_nginx upstream "$(upstream_block $upstream "access_log off;")"
+start_nginx stable "$(upstream_block $stable "access_log $work/stable.log bench buffer=64k flush=1s;")"
+start_nginx canary "$(upstream_block $canary "access_log $work/canary.log bench buffer=64k flush=1s;")"
 
 # Every scenario's nginx in one process: the plain and TLS ports, the 90/10 split, the 10,000 hosts.
 nginx_hosts=""
@@ -96,7 +97,7 @@ if want hosts; then
 fi
 start_nginx nginx "  access_log off;
   upstream app { server 127.0.0.1:$upstream; keepalive 64; }
-  upstream app_v1 { server 127.0.0.1:$upstream; keepalive 64; }
+  upstream app_v1 { server 127.0.0.1:$stable; keepalive 64; }
   upstream app_v2 { server 127.0.0.1:$canary; keepalive 64; }
   split_clients \"\$request_id\" \$version { 90% app_v1; * app_v2; }
   proxy_http_version 1.1;
@@ -139,7 +140,7 @@ backend app
   server app 127.0.0.1:$upstream
 backend split
   balance random
-  server v1 127.0.0.1:$upstream weight 90
+  server v1 127.0.0.1:$stable weight 90
   server v2 127.0.0.1:$canary weight 10
 EOF
   $serve haproxy -f "$work/haproxy.cfg" -D -p "$work/haproxy.pid"
@@ -203,7 +204,7 @@ spec:
   ports: [{number: 80, name: http}]
   resolution: STATIC
   endpoints:
-  - {address: 127.0.0.1, ports: {http: $upstream}, labels: {version: v1}}
+  - {address: 127.0.0.1, ports: {http: $stable}, labels: {version: v1}}
   - {address: 127.0.0.1, ports: {http: $canary}, labels: {version: v2}}
 ---
 apiVersion: networking.istio.io/v1
@@ -437,12 +438,12 @@ if want rate; then
 fi
 if want split; then
   # 100,000 requests through each proxy's 90/10 split. Sluice's shares come from its own metrics;
-  # nginx's and HAProxy's from the two upstreams' access logs (flushed before counting).
+  # nginx's and HAProxy's from the two versions' access logs (flushed before counting).
   count_log() { nginx -p "$work/$1" -c nginx.conf -s reopen 2>/dev/null; sleep 1.2; wc -l < "$work/$1.log" 2>/dev/null || echo 0; }
   echo
   for proxy in sluice nginx haproxy; do
     $load h2load --h1 -c 64 -m 1 -D 1 "http://127.0.0.1:${splits[$proxy]}/" >/dev/null 2>&1 || true
-    before=$(curl -s "http://127.0.0.1:$admin/metrics"); v1_before=$(count_log upstream); v2_before=$(count_log canary)
+    before=$(curl -s "http://127.0.0.1:$admin/metrics"); v1_before=$(count_log stable); v2_before=$(count_log canary)
     t0=$(ticks "$proxy")
     served=$($load h2load --h1 -c 64 -m 1 -n 100000 "http://127.0.0.1:${splits[$proxy]}/" 2>/dev/null \
       | awk '/^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") print $(i-1) }')
@@ -453,7 +454,7 @@ if want split; then
       count() { echo "$1" | awk -v v="destination_version=\"$2\"" 'index($0, "istio_requests_total{") == 1 && index($0, v) { n += $NF } END { print n+0 }'; }
       v1=$(( $(count "$after" v1) - $(count "$before" v1) )); v2=$(( $(count "$after" v2) - $(count "$before" v2) ))
     else
-      v1=$(( $(count_log upstream) - v1_before )); v2=$(( $(count_log canary) - v2_before ))
+      v1=$(( $(count_log stable) - v1_before )); v2=$(( $(count_log canary) - v2_before ))
     fi
     awk -v p="$proxy" -v a="$v1" -v b="$v2" -v c="$(per_request $((t1 - t0)) "${served:-0}")" 'BEGIN {
       printf "split      %-8s 90/10 over %d requests: v1 %.2f%%, v2 %.2f%%; CPU %.1f µs/req\n", p, a+b, 100*a/(a+b), 100*b/(a+b), c }'
