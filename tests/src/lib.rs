@@ -92,7 +92,10 @@ impl TestGateway {
             ports: ports.to_vec(),
             admin_port,
         };
-        for port in ports {
+        // The admin API starts beside the proxy listeners, not before them: tests that talk to it
+        // right away wait for it too.
+        let admin = yaml.contains("{{ADMIN}}").then_some(admin_port);
+        for port in ports.iter().chain(&admin) {
             if let Err(e) = wait_for_port(
                 SocketAddr::from(([127, 0, 0, 1], *port)),
                 Duration::from_secs(15),
@@ -198,6 +201,11 @@ impl TestGateway {
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
+        // A gateway that exited before the test ended crashed or refused its config: its log is the
+        // only trace of why (shown when the test fails).
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!("sluice exited on its own ({status}); log:\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

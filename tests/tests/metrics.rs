@@ -429,24 +429,30 @@ async fn a_real_prometheus_evaluates_istios_queries() -> anyhow::Result<()> {
         "success rate {rate}, expected about {expected} ({good} good, {bad} bad)"
     );
 
-    let p99 = query(
-        prometheus_port,
-        "histogram_quantile(0.99, sum by (le, destination_version) (rate(istio_request_duration_milliseconds_bucket{response_code=\"200\"}[1m])))",
-    )
-    .await?;
-    let mut versions: Vec<(String, f64)> = p99
-        .iter()
-        .map(|r| {
-            (
-                r["metric"]["destination_version"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                sample_value(r),
-            )
-        })
-        .collect();
-    versions.sort_by(|a, b| a.0.cmp(&b.0));
+    // A quantile is NaN while a version's buckets show no increase yet (a late scrape): poll.
+    let p99_query = "histogram_quantile(0.99, sum by (le, destination_version) (rate(istio_request_duration_milliseconds_bucket{response_code=\"200\"}[1m])))";
+    let waited = std::time::Instant::now();
+    let (p99, versions) = loop {
+        let p99 = query(prometheus_port, p99_query).await?;
+        let mut versions: Vec<(String, f64)> = p99
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"]["destination_version"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    sample_value(r),
+                )
+            })
+            .collect();
+        versions.sort_by(|a, b| a.0.cmp(&b.0));
+        let settled = versions.len() == 2 && versions.iter().all(|(_, ms)| ms.is_finite());
+        if settled || waited.elapsed() > std::time::Duration::from_secs(15) {
+            break (p99, versions);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
     assert_eq!(
         versions.iter().map(|v| v.0.as_str()).collect::<Vec<_>>(),
         ["v1", "v2"],

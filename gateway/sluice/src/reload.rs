@@ -275,14 +275,21 @@ fn relevant(event_path: &Path, paths: &[PathBuf]) -> bool {
 /// Watches the config (and certificate) directories and reloads after each burst of changes;
 /// reloads on SIGHUP too.
 pub struct ReloadService {
-    pub reloader: Arc<Reloader>,
+    reloader: Arc<Reloader>,
+    /// Taken by [`BackgroundService::start`]. The watches exist from [`ReloadService::new`] on,
+    /// before any port opens, so an edit made as soon as Sluice answers is never missed.
+    watch: std::sync::Mutex<Option<FileWatch>>,
 }
 
-#[async_trait]
-impl BackgroundService for ReloadService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<FileEvent>();
-        let paths = self.reloader.paths.clone();
+struct FileWatch {
+    /// Dropping the watcher ends the watches.
+    _watcher: Option<notify::RecommendedWatcher>,
+    events: tokio::sync::mpsc::UnboundedReceiver<FileEvent>,
+}
+
+impl ReloadService {
+    pub fn new(reloader: Arc<Reloader>) -> Self {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel::<FileEvent>();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             let Some(step) = WriteStep::of(&event.kind) else {
@@ -292,7 +299,7 @@ impl BackgroundService for ReloadService {
                 let _ = tx.send(FileEvent { path, step });
             }
         });
-        let generation = self.reloader.live.current();
+        let generation = reloader.live.current();
         let certs_dir = generation.snapshot.settings.certs_dir.clone();
         let certificates: Vec<PathBuf> = generation
             .snapshot
@@ -301,9 +308,9 @@ impl BackgroundService for ReloadService {
             .flat_map(|server| crate::tls::credential_files(server, &certs_dir))
             .collect();
         drop(generation);
-        let _watcher = match watcher {
+        let watcher = match watcher {
             Ok(mut watcher) => {
-                for dir in watch_dirs(&paths, &certs_dir, &certificates) {
+                for dir in watch_dirs(&reloader.paths, &certs_dir, &certificates) {
                     // certsDir is watched with its subdirectories: mounted Kubernetes secrets
                     // (`certs/NAME/tls.crt`) rotate by swapping `certs/NAME/..data`.
                     let mode = if dir == certs_dir {
@@ -325,6 +332,28 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
+        Self {
+            reloader,
+            watch: std::sync::Mutex::new(Some(FileWatch {
+                _watcher: watcher,
+                events,
+            })),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let taken = self.watch.lock().ok().and_then(|mut watch| watch.take());
+        let Some(FileWatch {
+            _watcher,
+            events: mut rx,
+        }) = taken
+        else {
+            return;
+        };
+        let paths = self.reloader.paths.clone();
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),

@@ -129,9 +129,7 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
     if !startup.paths.is_empty() {
         server.add_service(background_service(
             "config reloader",
-            ReloadService {
-                reloader: reloader.clone(),
-            },
+            ReloadService::new(reloader.clone()),
         ));
     }
     server.add_service(background_service(
