@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod diag;
+mod identity;
 pub mod model;
 pub mod snapshot;
 pub mod source;
@@ -19,7 +20,8 @@ use std::path::PathBuf;
 use config::{ConfigSet, ParseCache};
 use diag::Diagnostics;
 use model::Model;
-use snapshot::Snapshot;
+use snapshot::{CompileCache, Snapshot};
+use validate::ValidateCache;
 
 /// The result of loading and checking a set of config paths.
 pub struct Loaded {
@@ -36,34 +38,49 @@ impl Loaded {
     pub fn snapshot(&self) -> Option<Snapshot> {
         self.model.as_ref().map(Snapshot::compile)
     }
+
+    /// [`Loaded::snapshot`], reusing what the previous compile with `cache` built.
+    pub fn snapshot_cached(&self, cache: &mut LoadCache) -> Option<Snapshot> {
+        let model = self.model.as_ref()?;
+        Some(Snapshot::compile_cached(model, &mut cache.compiled))
+    }
 }
 
 /// Load → validate, for config files on disk.
 pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     let (set, diagnostics) = ConfigSet::load_paths(paths);
-    check(set, diagnostics)
+    check(set, diagnostics, &mut ValidateCache::default())
 }
 
-/// [`load_paths`], parsing only the documents `cache` does not hold from an earlier load: how a
-/// reload of a large config stays fast when one file changed.
-pub fn load_paths_cached(paths: &[PathBuf], cache: &mut ParseCache) -> Loaded {
-    let (set, diagnostics) = ConfigSet::load_paths_cached(paths, cache);
-    check(set, diagnostics)
+/// What a load keeps for the next load of the same config (a reload): the documents it parsed, the
+/// VirtualServices it validated and the routes it compiled.
+#[derive(Default)]
+pub struct LoadCache {
+    parsed: ParseCache,
+    validated: ValidateCache,
+    compiled: CompileCache,
+}
+
+/// [`load_paths`], parsing and validating only what `cache` does not hold from the previous load:
+/// how a reload of a large config stays fast when one document changed.
+pub fn load_paths_cached(paths: &[PathBuf], cache: &mut LoadCache) -> Loaded {
+    let (set, diagnostics) = ConfigSet::load_paths_cached(paths, &mut cache.parsed);
+    check(set, diagnostics, &mut cache.validated)
 }
 
 /// Load → validate, for config text that is not on disk (the built-in demo, tests).
 pub fn load_str(name: &str, text: &str) -> Loaded {
     let (set, diagnostics) = ConfigSet::load_str(name, text);
-    check(set, diagnostics)
+    check(set, diagnostics, &mut ValidateCache::default())
 }
 
-fn check(set: ConfigSet, mut diagnostics: Diagnostics) -> Loaded {
+fn check(set: ConfigSet, mut diagnostics: Diagnostics, validated: &mut ValidateCache) -> Loaded {
     // Cross-reference checks on a set with broken documents would only add confusing follow-on
     // errors (a missing Gateway that merely failed to parse), so they run on clean loads only.
     let model = if diagnostics.has_errors() {
         None
     } else {
-        validate::validate(&set, &mut diagnostics)
+        validate::validate_cached(&set, &mut diagnostics, validated)
     };
     Loaded {
         model,

@@ -713,7 +713,7 @@ pub fn upstream_tls_for<'m>(
 pub struct Model {
     pub settings: Settings,
     pub gateways: Vec<Gateway>,
-    pub virtual_services: Vec<VirtualService>,
+    pub virtual_services: Vec<std::sync::Arc<VirtualService>>,
     /// By FQDN.
     pub services: BTreeMap<String, Service>,
     /// (FQDN, subset name) → labels the subset selects.

@@ -14,6 +14,7 @@ use regex::{Regex, RegexBuilder};
 use crate::config::istio::{self, StringMatch};
 use crate::config::{ConfigSet, Document};
 use crate::diag::Diagnostics;
+use crate::identity::{address_of, ByAddress};
 use crate::model::*;
 use crate::source::Origin;
 
@@ -24,15 +25,118 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Validates a loaded config. Returns the model only when there is no error; `diagnostics` gets every
 /// error and warning found.
 pub fn validate(set: &ConfigSet, diagnostics: &mut Diagnostics) -> Option<Model> {
+    validate_cached(set, diagnostics, &mut ValidateCache::default())
+}
+
+/// [`validate`], reusing the VirtualServices `cache` holds from the previous run where neither
+/// their documents nor any document they may refer to changed; `cache` then holds this run's.
+pub fn validate_cached(
+    set: &ConfigSet,
+    diagnostics: &mut Diagnostics,
+    cache: &mut ValidateCache,
+) -> Option<Model> {
+    let context = ContextDocs::of(set);
+    let previous = std::mem::take(cache);
+    let reusable = if previous.context.as_ref() == Some(&context) {
+        previous.virtual_services
+    } else {
+        ByAddress::default()
+    };
     let mut v = Validator {
         set,
         diags: Diagnostics::default(),
         acme_issuers: Vec::new(),
+        recording: None,
+        validated: ByAddress::with_capacity_and_hasher(
+            set.virtual_services.len(),
+            Default::default(),
+        ),
+        previous: reusable,
     };
     let model = v.run();
     let failed = v.diags.has_errors();
+    *cache = ValidateCache {
+        context: Some(context),
+        virtual_services: v.validated,
+    };
     diagnostics.extend(v.diags);
     (!failed).then_some(model)
+}
+
+/// What one validation leaves for the next: the VirtualServices it validated, with their
+/// diagnostics, and the other documents they were validated against. A reload that edits one of
+/// 10,000 VirtualServices then validates one. Documents are compared by identity: the
+/// [`ParseCache`](crate::config::ParseCache) hands back the same `Arc`s for unchanged text, and
+/// the cache holds those `Arc`s, so an address is never reused for other content while cached.
+#[derive(Default)]
+pub struct ValidateCache {
+    context: Option<ContextDocs>,
+    /// By the address of the document's spec.
+    virtual_services: ByAddress<ValidatedVirtualService>,
+}
+
+/// Every document other than the VirtualServices: what a VirtualService's validation may read
+/// (gateways it binds to, services, subsets, TLS policies, settings).
+#[derive(PartialEq)]
+struct ContextDocs {
+    settings: Vec<Parsed<crate::config::GatewaySettingsSpec>>,
+    gateways: Vec<Parsed<istio::GatewaySpec>>,
+    destination_rules: Vec<Parsed<istio::DestinationRuleSpec>>,
+    service_entries: Vec<Parsed<istio::ServiceEntrySpec>>,
+}
+
+impl ContextDocs {
+    fn of(set: &ConfigSet) -> Self {
+        Self {
+            settings: set.settings.iter().map(Parsed::of).collect(),
+            gateways: set.gateways.iter().map(Parsed::of).collect(),
+            destination_rules: set.destination_rules.iter().map(Parsed::of).collect(),
+            service_entries: set.service_entries.iter().map(Parsed::of).collect(),
+        }
+    }
+}
+
+/// A document's parsed parts, equal only to the very same parse (positions aside: they only place
+/// diagnostics). Holding them keeps their addresses from being reused.
+struct Parsed<T> {
+    spec: std::sync::Arc<T>,
+    metadata: std::sync::Arc<crate::config::ObjectMeta>,
+}
+
+impl<T> Parsed<T> {
+    fn of(doc: &Document<T>) -> Self {
+        Self {
+            spec: doc.spec.clone(),
+            metadata: doc.metadata.clone(),
+        }
+    }
+
+    fn is(&self, doc: &Document<T>) -> bool {
+        std::sync::Arc::ptr_eq(&self.spec, &doc.spec)
+            && std::sync::Arc::ptr_eq(&self.metadata, &doc.metadata)
+    }
+}
+
+impl<T> PartialEq for Parsed<T> {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.spec, &other.spec)
+            && std::sync::Arc::ptr_eq(&self.metadata, &other.metadata)
+    }
+}
+
+struct ValidatedVirtualService {
+    document: Parsed<istio::VirtualServiceSpec>,
+    result: std::sync::Arc<VirtualService>,
+    /// Replayed at the document's current position when the result is reused.
+    diagnostics: Vec<Recorded>,
+}
+
+/// A diagnostic by YAML path, before it is placed in a file.
+#[derive(Clone)]
+struct Recorded {
+    severity: crate::diag::Severity,
+    path: String,
+    message: String,
 }
 
 struct Validator<'a> {
@@ -40,6 +144,12 @@ struct Validator<'a> {
     diags: Diagnostics,
     /// From GatewaySettings, for servers whose `credentialName` is `acme:<issuer>`.
     acme_issuers: Vec<AcmeIssuer>,
+    /// While a VirtualService is validated: its diagnostics, for the cache.
+    recording: Option<Vec<Recorded>>,
+    /// Reusable results of the previous run.
+    previous: ByAddress<ValidatedVirtualService>,
+    /// This run's results, for the next.
+    validated: ByAddress<ValidatedVirtualService>,
 }
 
 /// Where a value sits: the document and the YAML path inside it.
@@ -50,11 +160,80 @@ struct At<'a> {
 
 impl Validator<'_> {
     fn error(&mut self, at: At<'_>, message: impl Into<String>) {
-        self.diags.error(at.origin, &at.path, message);
+        self.report(crate::diag::Severity::Error, at, message.into());
     }
 
     fn warning(&mut self, at: At<'_>, message: impl Into<String>) {
-        self.diags.warning(at.origin, &at.path, message);
+        self.report(crate::diag::Severity::Warning, at, message.into());
+    }
+
+    fn report(&mut self, severity: crate::diag::Severity, at: At<'_>, message: String) {
+        if let Some(recording) = &mut self.recording {
+            recording.push(Recorded {
+                severity,
+                path: at.path.clone(),
+                message: message.clone(),
+            });
+        }
+        self.replay(at.origin, severity, &at.path, message);
+    }
+
+    fn replay(
+        &mut self,
+        origin: &Origin,
+        severity: crate::diag::Severity,
+        path: &str,
+        message: String,
+    ) {
+        match severity {
+            crate::diag::Severity::Error => self.diags.error(origin, path, message),
+            crate::diag::Severity::Warning => self.diags.warning(origin, path, message),
+        }
+    }
+
+    /// [`Validator::virtual_service`], or its result from the previous run when that is still
+    /// valid (see [`ValidateCache`]).
+    fn virtual_service_cached(
+        &mut self,
+        doc: &Document<istio::VirtualServiceSpec>,
+        gateway_ids: &BTreeSet<String>,
+        services: &BTreeMap<String, Service>,
+        subsets: &Subsets,
+        upstream_tls: &UpstreamTlsPolicies,
+    ) -> std::sync::Arc<VirtualService> {
+        let key = address_of(&doc.spec);
+        let reusable = self
+            .previous
+            .get(&key)
+            .or_else(|| self.validated.get(&key))
+            .filter(|cached| cached.document.is(doc))
+            .map(|cached| (cached.result.clone(), cached.diagnostics.clone()));
+        let (result, diagnostics) = match reusable {
+            Some((result, diagnostics)) => {
+                for d in &diagnostics {
+                    self.replay(&doc.origin, d.severity, &d.path, d.message.clone());
+                }
+                (result, diagnostics)
+            }
+            None => {
+                self.recording = Some(Vec::new());
+                let result =
+                    self.virtual_service(doc, gateway_ids, services, subsets, upstream_tls);
+                (
+                    std::sync::Arc::new(result),
+                    self.recording.take().unwrap_or_default(),
+                )
+            }
+        };
+        self.validated.insert(
+            key,
+            ValidatedVirtualService {
+                document: Parsed::of(doc),
+                result: result.clone(),
+                diagnostics,
+            },
+        );
+        result
     }
 
     fn run(&mut self) -> Model {
@@ -69,7 +248,9 @@ impl Validator<'_> {
             .set
             .virtual_services
             .iter()
-            .map(|vs| self.virtual_service(vs, &gateway_ids, &services, &subsets, &upstream_tls))
+            .map(|vs| {
+                self.virtual_service_cached(vs, &gateway_ids, &services, &subsets, &upstream_tls)
+            })
             .collect();
         if let (Some(mesh_port), Some(doc)) = (settings.mesh_port, self.set.settings.first()) {
             if let Some(gateway) = gateways

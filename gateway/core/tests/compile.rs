@@ -334,3 +334,140 @@ fn reloads_reuse_unchanged_documents_and_follow_their_new_positions() {
     assert_eq!(moved.origin.position_of("spec.hosts").line, hosts_line);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A reload validates only the VirtualServices whose documents changed, and only while nothing they
+/// may refer to changed, and compiles only the routes that came out new; whatever it reuses, it
+/// reports and serves exactly what a fresh load of the same files does, at the positions the files
+/// have now.
+#[test]
+fn reloads_validate_and_compile_only_what_changed_and_match_a_fresh_load() {
+    use std::sync::Arc;
+    let dir = std::env::temp_dir().join(format!("sluice-load-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("config.yaml");
+    let paths = std::slice::from_ref(&dir);
+    let gateway = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+                   spec: {servers: [{port: {number: 8080, protocol: HTTP}, hosts: ['*']}]}\n";
+    let service = |name: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\n\
+             spec:\n  hosts: [{name}.test]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n\
+             \x20 endpoints: [{{address: 127.0.0.1, labels: {{version: v1}}}}, {{address: 127.0.0.2, labels: {{version: v2}}}}]\n"
+        )
+    };
+    let (reviews, ratings) = (service("reviews"), service("ratings"));
+    let rule = |subsets: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\n\
+             spec:\n  host: reviews.test\n  subsets: [{subsets}]\n"
+        )
+    };
+    let both = rule("{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}");
+    let v1_only = rule("{name: v1, labels: {version: v1}}");
+    // `a` splits over both subsets and has an unreachable route (a warning) after its catch-all.
+    let a = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\n\
+             spec:\n  hosts: [a.test]\n  gateways: [gw]\n  http:\n\
+             \x20 - route:\n    - {destination: {host: reviews.test, subset: v1}, weight: 90}\n\
+             \x20   - {destination: {host: reviews.test, subset: v2}, weight: 10}\n\
+             \x20 - directResponse: {status: 204}\n";
+    let b = |status: u16| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b}}\n\
+             spec:\n  hosts: [b.test]\n  gateways: [gw]\n  http: [{{directResponse: {{status: {status}}}}}]\n"
+        )
+    };
+    let c = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: c}\n\
+             spec:\n  hosts: [c.test]\n  gateways: [gw]\n  http: [{route: [{destination: {host: ratings.test}}]}]\n";
+    let filler = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: filler}\n\
+                  spec:\n  hosts: [filler.test]\n  gateways: [gw]\n  http: [{directResponse: {status: 200}}]\n";
+    let (b200, b201) = (b(200), b(201));
+    let steps = [
+        vec![gateway, &reviews, &ratings, &both, a, &b200, c],
+        // Everything moves down one document; b changes.
+        vec![gateway, filler, &reviews, &ratings, &both, a, &b201, c],
+        // The subset `a` routes to disappears: `a` must be validated again, and fails.
+        vec![gateway, filler, &reviews, &ratings, &v1_only, a, &b201, c],
+        vec![gateway, filler, &reviews, &ratings, &both, a, &b201, c],
+        // c moves before a: ratings' upstream is now numbered before reviews', so a's compiled
+        // route (which names upstreams by number) must be built again, from the same validated one.
+        vec![gateway, filler, &reviews, &ratings, &both, c, a, &b201],
+    ];
+    /// What the snapshot serves, in a comparable form.
+    fn served(snapshot: &Option<sluice_core::snapshot::Snapshot>) -> Vec<String> {
+        let Some(snapshot) = snapshot else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = snapshot
+            .listeners()
+            .flat_map(|l| l.virtual_hosts().iter().map(move |v| (l.spec.port, v)))
+            .map(|(port, v)| format!("{port} {} {:?}", v.name, v.routes))
+            .collect();
+        out.extend(snapshot.clusters().iter().map(|c| format!("{c:?}")));
+        out
+    }
+    let mut cache = sluice_core::LoadCache::default();
+    let mut models = Vec::new();
+    let mut snapshots = Vec::new();
+    for (step, docs) in steps.iter().enumerate() {
+        std::fs::write(&file, docs.join("---\n")).expect("write config");
+        let cached = sluice_core::load_paths_cached(paths, &mut cache);
+        let fresh = sluice_core::load_paths(paths);
+        let report = |loaded: &sluice_core::Loaded| -> Vec<String> {
+            let diagnostics = loaded.diagnostics.clone().into_sorted();
+            diagnostics.iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(report(&cached), report(&fresh), "step {step}");
+        assert_eq!(
+            format!("{:?}", cached.model),
+            format!("{:?}", fresh.model),
+            "step {step}"
+        );
+        let snapshot = cached.snapshot_cached(&mut cache);
+        assert_eq!(served(&snapshot), served(&fresh.snapshot()), "step {step}");
+        models.push(cached.model);
+        snapshots.push(snapshot);
+    }
+    assert!(
+        report_of(&steps[1], &file, paths)
+            .iter()
+            .any(|w| w.contains("unreachable")),
+        "the warning of a reused VirtualService is reported again"
+    );
+    assert!(models[2].is_none(), "a routes to a subset that is gone");
+    let validated = |step: usize, name: &str| {
+        let model = models[step].as_ref().expect("valid step");
+        let vs = model
+            .virtual_services
+            .iter()
+            .find(|vs| vs.id == format!("default/{name}"))
+            .expect("virtual service");
+        vs.http[0].clone()
+    };
+    let compiled = |step: usize, host: &str| {
+        let snapshot = snapshots[step].as_ref().expect("valid step");
+        let listener = snapshot.listener(8080).expect("listener");
+        let vhost = listener.virtual_hosts().iter().find(|v| v.name == host);
+        vhost.expect("virtual host").routes[0].clone()
+    };
+    // Unchanged documents and context: the very same validated and compiled routes.
+    assert!(Arc::ptr_eq(&validated(0, "a"), &validated(1, "a")));
+    assert!(Arc::ptr_eq(&compiled(0, "a.test"), &compiled(1, "a.test")));
+    // A changed document, or a changed DestinationRule: validated and compiled again.
+    assert!(!Arc::ptr_eq(&validated(0, "b"), &validated(1, "b")));
+    assert!(!Arc::ptr_eq(&compiled(0, "b.test"), &compiled(1, "b.test")));
+    assert!(!Arc::ptr_eq(&validated(1, "a"), &validated(3, "a")));
+    // Reordered: the same validated route, compiled again for the new upstream numbers.
+    assert!(Arc::ptr_eq(&validated(3, "a"), &validated(4, "a")));
+    assert!(!Arc::ptr_eq(&compiled(3, "a.test"), &compiled(4, "a.test")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn report_of(docs: &[&str], file: &std::path::Path, paths: &[std::path::PathBuf]) -> Vec<String> {
+    std::fs::write(file, docs.join("---\n")).expect("write config");
+    sluice_core::load_paths(paths)
+        .diagnostics
+        .warnings()
+        .map(ToString::to_string)
+        .collect()
+}

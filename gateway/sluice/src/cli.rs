@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_core::snapshot::{summary, Snapshot};
-use sluice_core::Loaded;
+use sluice_core::{LoadCache, Loaded};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,7 +77,8 @@ pub fn main() -> ExitCode {
 
 /// Prints every diagnostic (to stdout for `validate`, whose output they are; to stderr otherwise);
 /// returns the snapshot when there is no error.
-fn report(loaded: &Loaded, to_stdout: bool) -> Option<Snapshot> {
+/// Prints the diagnostics and compiles the snapshot (`None` when there were errors).
+fn report(loaded: &Loaded, to_stdout: bool, cache: &mut LoadCache) -> Option<Snapshot> {
     for diagnostic in loaded.diagnostics.clone().into_sorted() {
         if to_stdout {
             println!("{diagnostic}");
@@ -85,14 +86,14 @@ fn report(loaded: &Loaded, to_stdout: bool) -> Option<Snapshot> {
             eprintln!("{diagnostic}");
         }
     }
-    loaded.snapshot()
+    loaded.snapshot_cached(cache)
 }
 
 fn validate(configs: &[PathBuf]) -> ExitCode {
     let loaded = sluice_core::load_paths(configs);
     let errors = loaded.diagnostics.errors().count();
     let warnings = loaded.diagnostics.warnings().count();
-    let snapshot = report(&loaded, true);
+    let snapshot = report(&loaded, true, &mut LoadCache::default());
     // Certificates are checked too: a file that is missing, expired or does not match its key fails
     // validation just as it would fail a reload.
     let certificate_errors = snapshot
@@ -127,15 +128,15 @@ fn serve(startup: crate::server::Startup) -> anyhow::Result<ExitCode> {
 }
 
 fn run(configs: &[PathBuf], upgrade: bool) -> anyhow::Result<ExitCode> {
-    let mut parsed = sluice_core::config::ParseCache::default();
-    let loaded = sluice_core::load_paths_cached(configs, &mut parsed);
-    match report(&loaded, false) {
+    let mut cache = LoadCache::default();
+    let loaded = sluice_core::load_paths_cached(configs, &mut cache);
+    match report(&loaded, false, &mut cache) {
         Some(snapshot) => serve(crate::server::Startup {
             snapshot,
             paths: configs.to_vec(),
             files: loaded.files.clone(),
             fingerprint: loaded.fingerprint,
-            parsed,
+            cache,
             upgrade,
         }),
         None => {
@@ -151,7 +152,8 @@ fn run(configs: &[PathBuf], upgrade: bool) -> anyhow::Result<ExitCode> {
 fn demo(port: u16) -> anyhow::Result<ExitCode> {
     let text = crate::demo::start_backends(port)?;
     let loaded = sluice_core::load_str("<built-in demo>", &text);
-    let snapshot = report(&loaded, false).context("the built-in demo config did not validate")?;
+    let snapshot = report(&loaded, false, &mut LoadCache::default())
+        .context("the built-in demo config did not validate")?;
     println!("Sluice demo: a 90/10 canary split between two built-in backends, v1 and v2.");
     println!("  Gateway:  http://127.0.0.1:{port}/");
     println!("  Try:      for i in $(seq 20); do curl -s http://127.0.0.1:{port}/ | grep -o '\"backend\":\"v[12]\"'; done | sort | uniq -c");
@@ -161,7 +163,7 @@ fn demo(port: u16) -> anyhow::Result<ExitCode> {
         paths: Vec::new(),
         files: Vec::new(),
         fingerprint: loaded.fingerprint,
-        parsed: sluice_core::config::ParseCache::default(),
+        cache: LoadCache::default(),
         upgrade: false,
     })
 }

@@ -40,10 +40,10 @@ pub struct Reloader {
 }
 
 /// What the previous load leaves the next: its fingerprint (equal means nothing changed) and its
-/// parsed documents (only changed ones are parsed again).
+/// parsed documents and validated VirtualServices (only changed ones are parsed and validated again).
 struct LastLoad {
     fingerprint: u64,
-    parsed: sluice_core::config::ParseCache,
+    cache: sluice_core::LoadCache,
 }
 
 #[derive(Debug, Clone)]
@@ -112,17 +112,14 @@ impl Reloader {
         paths: Vec<PathBuf>,
         live: Arc<Live>,
         fingerprint: u64,
-        parsed: sluice_core::config::ParseCache,
+        cache: sluice_core::LoadCache,
     ) -> Self {
         let started_with = StartupShape::of(&live.current().snapshot);
         Self {
             paths,
             live,
             started_with,
-            last: std::sync::Mutex::new(LastLoad {
-                fingerprint,
-                parsed,
-            }),
+            last: std::sync::Mutex::new(LastLoad { fingerprint, cache }),
         }
     }
 
@@ -134,7 +131,7 @@ impl Reloader {
             .lock()
             .map_err(|_| "a previous reload panicked".to_string())?;
         let started = std::time::Instant::now();
-        let loaded = sluice_core::load_paths_cached(&self.paths, &mut last.parsed);
+        let loaded = sluice_core::load_paths_cached(&self.paths, &mut last.cache);
         let loaded_in = started.elapsed();
         let unchanged =
             std::mem::replace(&mut last.fingerprint, loaded.fingerprint) == loaded.fingerprint;
@@ -149,7 +146,7 @@ impl Reloader {
             .map(ToString::to_string)
             .collect();
         // Certificates are part of what must load: a broken one rejects the whole reload.
-        let built = loaded.snapshot().map(|snapshot| {
+        let built = loaded.snapshot_cached(&mut last.cache).map(|snapshot| {
             let compiled_in = started.elapsed();
             let tls = crate::tls::TlsListeners::build(&snapshot);
             (snapshot, tls.map(|tls| (tls, compiled_in)))

@@ -30,8 +30,8 @@ pub struct Startup {
     pub paths: Vec<PathBuf>,
     pub files: Vec<PathBuf>,
     pub fingerprint: u64,
-    /// The documents parsed at start, for the first reload to reuse.
-    pub parsed: sluice_core::config::ParseCache,
+    /// What the load at start parsed and validated, for the first reload to reuse.
+    pub cache: sluice_core::LoadCache,
     /// Take the listening sockets over from a running Sluice (graceful upgrade).
     pub upgrade: bool,
 }
@@ -124,7 +124,7 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         startup.paths.clone(),
         live.clone(),
         startup.fingerprint,
-        startup.parsed,
+        startup.cache,
     ));
     if !startup.paths.is_empty() {
         server.add_service(background_service(

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::identity::{address_of, ByAddress};
 use crate::model::{
     upstream_tls_for, Action, Binding, EndpointAddress, Gateway, HeaderRules, HostPattern,
     HttpRoute, ListenerFamily, Model, RouteDestination, RouteMatch, Server, ServerTls, ServiceKey,
@@ -202,7 +203,21 @@ pub enum RouteLookup<'s> {
 
 impl Snapshot {
     pub fn compile(model: &Model) -> Snapshot {
-        Compiler::default().run(model)
+        Snapshot::compile_cached(model, &mut CompileCache::default())
+    }
+
+    /// [`Snapshot::compile`], reusing the routes `cache` holds from the previous compile where
+    /// they came from the very same validated route; `cache` then holds this compile's.
+    pub fn compile_cached(model: &Model, cache: &mut CompileCache) -> Snapshot {
+        let previous = std::mem::take(&mut cache.virtual_services);
+        let compiler = Compiler {
+            built: ByAddress::with_capacity_and_hasher(previous.len(), Default::default()),
+            previous,
+            ..Compiler::default()
+        };
+        let (snapshot, built) = compiler.run(model);
+        cache.virtual_services = built;
+        snapshot
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
@@ -291,6 +306,33 @@ impl Cluster {
     }
 }
 
+/// What one compile leaves for the next (a reload): each VirtualService's routes as compiled for
+/// each gateway it binds to. A VirtualService that is the same `Arc` as last time (see
+/// [`ValidateCache`](crate::validate::ValidateCache)) keeps its compiled routes, which is nearly
+/// all of them when one VirtualService of thousands changed; and the generation it replaces then
+/// frees only what changed.
+#[derive(Default)]
+pub struct CompileCache {
+    /// By the address of the VirtualService.
+    virtual_services: ByAddress<CompiledVirtualService>,
+}
+
+struct CompiledVirtualService {
+    /// Held so its address is not reused while cached.
+    source: Arc<crate::model::VirtualService>,
+    views: Vec<GatewayView>,
+}
+
+/// A VirtualService's routes as one gateway sees them (`match.gateways` applied).
+struct GatewayView {
+    gateway: String,
+    routes: Vec<Arc<Route>>,
+    /// The upstreams the routes name, by number: valid only while those numbers still name the
+    /// same upstreams (they follow the order services are first used in, which an edit elsewhere
+    /// can change).
+    clusters: Vec<(usize, ServiceKey)>,
+}
+
 #[derive(Default)]
 struct Compiler {
     listeners: Vec<Listener>,
@@ -298,10 +340,12 @@ struct Compiler {
     cluster_index: HashMap<ServiceKey, usize>,
     dns_names: Vec<String>,
     dns_index: HashMap<String, usize>,
+    previous: ByAddress<CompiledVirtualService>,
+    built: ByAddress<CompiledVirtualService>,
 }
 
 impl Compiler {
-    fn run(mut self, model: &Model) -> Snapshot {
+    fn run(mut self, model: &Model) -> (Snapshot, ByAddress<CompiledVirtualService>) {
         let gateways: HashMap<&str, &Gateway> =
             model.gateways.iter().map(|g| (g.id.as_str(), g)).collect();
         // Every configured port is bound, even with nothing routed to it yet (it answers 404, or
@@ -324,7 +368,7 @@ impl Compiler {
                         let Some(gateway) = gateways.get(gateway_id.as_str()) else {
                             continue;
                         };
-                        let routes = self.routes_for(model, &vs.http, gateway_id);
+                        let routes = self.routes_for(model, vs, gateway_id);
                         for server in &gateway.servers {
                             let http = match (server.protocol.family(), &server.tls) {
                                 (ListenerFamily::PlainHttp, _) => true,
@@ -364,7 +408,7 @@ impl Compiler {
                         let Some(port) = model.settings.mesh_port else {
                             continue;
                         };
-                        let routes = self.routes_for(model, &vs.http, "mesh");
+                        let routes = self.routes_for(model, vs, "mesh");
                         for host in &vs.hosts {
                             for alias in mesh_aliases(host) {
                                 if seen.insert((port, alias.clone(), vs_index, binding_index)) {
@@ -383,12 +427,13 @@ impl Compiler {
         }
         let mut listeners = self.listeners;
         listeners.sort_by_key(|l| l.spec.port);
-        Snapshot {
+        let snapshot = Snapshot {
             settings: model.settings.clone(),
             listeners,
             clusters: self.clusters,
             dns_names: self.dns_names,
-        }
+        };
+        (snapshot, self.built)
     }
 
     /// Registers what a server itself contributes: its listener, https redirects, TLS termination.
@@ -544,14 +589,56 @@ impl Compiler {
         }
     }
 
-    /// The VirtualService's routes as seen through one gateway (`match.gateways` applied).
+    /// The VirtualService's routes as seen through one gateway (`match.gateways` applied): from
+    /// this compile or the previous one when they are still valid, otherwise built.
     fn routes_for(
         &mut self,
         model: &Model,
-        http: &[Arc<HttpRoute>],
+        vs: &Arc<crate::model::VirtualService>,
         gateway: &str,
     ) -> Vec<Arc<Route>> {
-        let mut out = Vec::new();
+        let key = address_of(vs);
+        if let Some(view) = self
+            .built
+            .get(&key)
+            .and_then(|built| built.views.iter().find(|v| v.gateway == gateway))
+        {
+            return view.routes.clone();
+        }
+        let reusable = self.previous.get_mut(&key).and_then(|previous| {
+            let index = previous.views.iter().position(|v| v.gateway == gateway)?;
+            Arc::ptr_eq(&previous.source, vs).then(|| previous.views.swap_remove(index))
+        });
+        let view = match reusable {
+            Some(view) if self.same_clusters(model, &view.clusters) => view,
+            _ => self.build_view(model, &vs.http, gateway),
+        };
+        let routes = view.routes.clone();
+        self.built
+            .entry(key)
+            .or_insert_with(|| CompiledVirtualService {
+                source: vs.clone(),
+                views: Vec::new(),
+            })
+            .views
+            .push(view);
+        routes
+    }
+
+    /// Whether each upstream number still names the same upstream in this compile (numbering the
+    /// ones not met yet, in the order met, as building the routes would).
+    fn same_clusters(&mut self, model: &Model, clusters: &[(usize, ServiceKey)]) -> bool {
+        clusters
+            .iter()
+            .all(|(index, key)| match self.clusters.get(*index) {
+                Some(cluster) => cluster.key == *key,
+                None => self.cluster(model, key) == *index,
+            })
+    }
+
+    fn build_view(&mut self, model: &Model, http: &[Arc<HttpRoute>], gateway: &str) -> GatewayView {
+        let mut routes = Vec::with_capacity(http.len());
+        let mut clusters: Vec<(usize, ServiceKey)> = Vec::new();
         for def in http {
             // Most routes do not name gateways in `match` and are shared as they are.
             let def = if def.matches.iter().any(|m| m.gateways.is_some()) {
@@ -572,9 +659,18 @@ impl Compiler {
                 Action::Forward(destinations) => self.targets(model, destinations),
                 _ => Targets::default(),
             };
-            out.push(Arc::new(Route { def, targets }));
+            for target in &targets.list {
+                if !clusters.iter().any(|(index, _)| *index == target.cluster) {
+                    clusters.push((target.cluster, target.service.clone()));
+                }
+            }
+            routes.push(Arc::new(Route { def, targets }));
         }
-        out
+        GatewayView {
+            gateway: gateway.to_string(),
+            routes,
+            clusters,
+        }
     }
 
     fn cluster(&mut self, model: &Model, key: &ServiceKey) -> usize {
