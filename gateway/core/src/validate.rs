@@ -687,12 +687,13 @@ impl Validator<'_> {
 
     fn duplicates(&mut self) {
         fn check<T>(v: &mut Validator<'_>, kind: &str, docs: &[Document<T>]) {
-            let mut seen: HashMap<String, &Origin> = HashMap::new();
+            let mut seen: HashMap<(&str, &str), &Origin> = HashMap::with_capacity(docs.len());
             for doc in docs {
                 if doc.metadata.name.is_empty() {
                     continue;
                 }
-                if let Some(first) = seen.get(&doc.id()) {
+                let id = (doc.metadata.namespace(), doc.metadata.name.as_str());
+                if let Some(first) = seen.get(&id) {
                     let message = format!(
                         "duplicate {kind} `{}`: already defined at {first}",
                         doc.id()
@@ -705,7 +706,7 @@ impl Validator<'_> {
                         message,
                     );
                 } else {
-                    seen.insert(doc.id(), &doc.origin);
+                    seen.insert(id, &doc.origin);
                 }
             }
         }

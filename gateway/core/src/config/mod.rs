@@ -215,9 +215,12 @@ impl ConfigSet {
         loader: &mut Loader,
         diagnostics: &mut Diagnostics,
     ) {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (self.fingerprint, file.path(), file.text()).hash(&mut hasher);
-        self.fingerprint = hasher.finish();
+        // The fingerprint covers each document by its key and line rather than hashing the text a
+        // second time: what lies outside documents (`---` lines, blank documents) changes nothing
+        // that loads.
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        (self.fingerprint, file.path()).hash(&mut fingerprint);
+        self.fingerprint = fingerprint.finish();
         self.files.push(file.path().to_path_buf());
         let mut real_documents = 0;
         for document in 0..file.documents().len() {
@@ -231,6 +234,9 @@ impl ConfigSet {
             }
             real_documents += 1;
             let key = TextKey::of(text);
+            let line = file.documents().get(document).map(|d| d.line_offset);
+            (key, line).hash(&mut fingerprint);
+            self.fingerprint = fingerprint.finish();
             if let Some(parsed) = loader
                 .earlier
                 .remove(&key)
@@ -548,7 +554,9 @@ fn too_large(name: impl Into<PathBuf>, size: usize) -> Diagnostic {
 fn read_limited(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read file: {e}"))?;
-    let mut bytes = Vec::new();
+    // Sized up front: a large config is read without regrowing (and copying) the buffer.
+    let size = file.metadata().map_or(0, |m| m.len() as usize);
+    let mut bytes = Vec::with_capacity(size.min(MAX_FILE_BYTES) + 1);
     // Read one byte past the limit to know the file is too large without reading all of it.
     file.take(MAX_FILE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)

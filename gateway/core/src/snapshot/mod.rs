@@ -326,11 +326,21 @@ struct CompiledVirtualService {
 /// A VirtualService's routes as one gateway sees them (`match.gateways` applied).
 struct GatewayView {
     gateway: String,
-    routes: Vec<Arc<Route>>,
+    routes: Arc<[Arc<Route>]>,
     /// The upstreams the routes name, by number: valid only while those numbers still name the
     /// same upstreams (they follow the order services are first used in, which an edit elsewhere
     /// can change).
     clusters: Vec<(usize, ServiceKey)>,
+}
+
+/// Records `(port, host)` in `seen`; false when it was there already. `seen` holds one binding's
+/// few hosts, so a scan beats hashing.
+fn first_time(seen: &mut Vec<(u16, HostPattern)>, port: u16, host: &HostPattern) -> bool {
+    if seen.iter().any(|(p, h)| *p == port && h == host) {
+        return false;
+    }
+    seen.push((port, host.clone()));
+    true
 }
 
 #[derive(Default)]
@@ -360,9 +370,10 @@ impl Compiler {
         }
         // A VirtualService is added once per (port, host) for each gateway it binds to, so two
         // gateways sharing a port each contribute their own view of its routes.
-        let mut seen: HashSet<(u16, HostPattern, usize, usize)> = HashSet::new();
-        for (vs_index, vs) in model.virtual_services.iter().enumerate() {
-            for (binding_index, binding) in vs.bindings.iter().enumerate() {
+        let mut seen: Vec<(u16, HostPattern)> = Vec::new();
+        for vs in &model.virtual_services {
+            for binding in &vs.bindings {
+                seen.clear();
                 match binding {
                     Binding::Gateway(gateway_id) => {
                         let Some(gateway) = gateways.get(gateway_id.as_str()) else {
@@ -384,14 +395,7 @@ impl Compiler {
                                     let Some(served) = server_host.host.intersect(host) else {
                                         continue;
                                     };
-                                    if http
-                                        && seen.insert((
-                                            server.port,
-                                            served.clone(),
-                                            vs_index,
-                                            binding_index,
-                                        ))
-                                    {
+                                    if http && first_time(&mut seen, server.port, &served) {
                                         self.add_routes(
                                             server.port,
                                             server.protocol.family(),
@@ -411,7 +415,7 @@ impl Compiler {
                         let routes = self.routes_for(model, vs, "mesh");
                         for host in &vs.hosts {
                             for alias in mesh_aliases(host) {
-                                if seen.insert((port, alias.clone(), vs_index, binding_index)) {
+                                if first_time(&mut seen, port, &alias) {
                                     self.add_routes(
                                         port,
                                         ListenerFamily::PlainHttp,
@@ -596,7 +600,7 @@ impl Compiler {
         model: &Model,
         vs: &Arc<crate::model::VirtualService>,
         gateway: &str,
-    ) -> Vec<Arc<Route>> {
+    ) -> Arc<[Arc<Route>]> {
         let key = address_of(vs);
         if let Some(view) = self
             .built
@@ -668,7 +672,7 @@ impl Compiler {
         }
         GatewayView {
             gateway: gateway.to_string(),
-            routes,
+            routes: routes.into(),
             clusters,
         }
     }
