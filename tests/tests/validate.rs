@@ -70,6 +70,8 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("negative drain", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  drainSeconds: -1 #<\n".into(), "must be between 0 and 3600 seconds"),
         ("duplicate subset", "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec:\n  host: x.test\n  subsets:\n  - {name: v1}\n  - name: v1 #<\n".into(), "duplicate subset `v1`"),
         ("missing name", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {namespace: x} #<\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts: [a]\n".into(), "`metadata.name` is required"),
+        ("slash in a name", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  namespace: a\n  name: b/c #<\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts: [a]\n".into(), "`metadata.name` must not contain `/`"),
+        ("slash in a namespace", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  namespace: a/b #<\n  name: c\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts: [a]\n".into(), "`metadata.namespace` must not contain `/`"),
         ("bad bind address", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  bindAddress: localhost #<\n".into(), "is not an IP address"),
         ("bad duration", "apiVersion: sluice.dev/v1alpha1\nkind: GatewaySettings\nmetadata: {name: s}\nspec:\n  dnsRefreshRate: 5 seconds #<\n".into(), "is not a duration"),
         ("acme issuer not defined", format!("{ACME_SETTINGS}---\n{ACME_GATEWAY}    tls:\n      mode: SIMPLE\n      credentialName: acme:nope #<\n"), "no ACME issuer `nope`"),

@@ -75,9 +75,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Prints every diagnostic (to stdout for `validate`, whose output they are; to stderr otherwise);
-/// returns the snapshot when there is no error.
-/// Prints the diagnostics and compiles the snapshot (`None` when there were errors).
+/// Prints every diagnostic (to stdout for `validate`, whose output they are; to stderr otherwise)
+/// and compiles the snapshot (`None` when there were errors).
 fn report(loaded: &Loaded, to_stdout: bool, cache: &mut LoadCache) -> Option<Snapshot> {
     for diagnostic in loaded.diagnostics.clone().into_sorted() {
         if to_stdout {

@@ -291,6 +291,17 @@ impl ConfigSet {
             if metadata.name.is_empty() {
                 diagnostics.error(&origin, "metadata", "`metadata.name` is required");
             }
+            // References are written `namespace/name`: a `/` inside either part would let two
+            // different objects share one reference.
+            let parts = [
+                ("metadata.name", Some(metadata.name.as_str())),
+                ("metadata.namespace", metadata.namespace.as_deref()),
+            ];
+            for (field, value) in parts {
+                if value.is_some_and(|v| v.contains('/')) {
+                    diagnostics.error(&origin, field, format!("`{field}` must not contain `/`"));
+                }
+            }
             into.push(Document {
                 metadata,
                 spec,
