@@ -59,7 +59,7 @@ upstream=18501 admin=18502 stable=18504 canary=18503 split=18515 hosts_admin=185
 declare -A plain=([nginx]=18511 [haproxy]=18512 [caddy]=18513 [sluice]=18514 [pingora]=18516)
 declare -A tls=([nginx]=18521 [haproxy]=18522 [caddy]=18523 [sluice]=18524)
 declare -A splits=([nginx]=18531 [haproxy]=18532 [sluice]=$split)
-declare -A many=([nginx]=18541 [sluice]=18544)
+declare -A many=([nginx]=18541 [haproxy]=18542 [sluice]=18544)
 if want gate; then proxies=(nginx pingora sluice); else proxies=(nginx haproxy caddy pingora sluice); fi
 has() { local p; for p in "${proxies[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
 
@@ -115,6 +115,12 @@ start_nginx nginx "  access_log off;
 $nginx_hosts"
 
 if has haproxy; then
+  # The 10,000 hosts × 10 routes as HAProxy users write them: one map from host + path prefix to a
+  # backend (map_beg looks prefixes up in a tree). No default backend, so a miss answers 503.
+  if want hosts; then
+    awk -v hosts=10000 -v routes=10 'BEGIN {
+      for (h = 0; h < hosts; h++) for (r = 0; r < routes; r++) printf "h%d.bench.test/r%d/ app\n", h, r }' > "$work/hosts.map"
+  fi
   cat > "$work/haproxy.cfg" <<EOF
 global
   nbthread 1
@@ -136,6 +142,9 @@ frontend tls
 frontend split
   bind 127.0.0.1:${splits[haproxy]}
   default_backend split
+$(want hosts && echo "frontend many
+  bind 127.0.0.1:${many[haproxy]}
+  use_backend %[base,map_beg($work/hosts.map)]")
 backend app
   server app 127.0.0.1:$upstream
 backend split
@@ -346,7 +355,10 @@ want plain && { keys+=(plain); members[plain]="${proxies[*]}"; }
 want gate && { keys+=(plain); members[plain]="${proxies[*]}"; }
 want tls && { keys+=(tls-h1 tls-h2); members[tls-h1]="nginx haproxy caddy sluice"; members[tls-h2]=${members[tls-h1]}; }
 want handshake && { keys+=(handshake); members[handshake]="nginx haproxy caddy sluice"; }
-want hosts && { keys+=(hosts-1 hosts-10k); members[hosts-1]="nginx sluice"; members[hosts-10k]="nginx sluice"; }
+# Caddy is not in (d): each of its reverse_proxy handlers has its own upstream connection pool, so
+# 100,000 routes would measure 100,000 pools opening connections, not route lookup.
+hosts_proxies=(); for proxy in nginx haproxy sluice; do has $proxy && hosts_proxies+=($proxy); done
+want hosts && { keys+=(hosts-1 hosts-10k); members[hosts-1]="${hosts_proxies[*]}"; members[hosts-10k]="${hosts_proxies[*]}"; }
 
 # Memory per idle keep-alive connection: RSS (all the proxy's processes) with IDLE connections open,
 # each having served one request, minus RSS before, divided by IDLE. Once per proxy (RSS does not
@@ -389,10 +401,10 @@ for round in $(seq "$rounds"); do
   if want hosts; then
     # The same wrk load on both configs of each proxy: one host with one catch-all route (hosts-1),
     # and 10,000 hosts × 10 routes (hosts-10k).
-    hosts_order=(sluice nginx); ((round % 2 == 0)) && hosts_order=(nginx sluice)
+    hosts_order=("${hosts_proxies[@]}"); ((round % 2 == 0)) && hosts_order=($(printf '%s\n' "${hosts_proxies[@]}" | tac))
     for proxy in "${hosts_order[@]}"; do
       spread_load hosts-1 "$proxy" "${plain[$proxy]}"
-      spread_load hosts-10k "$proxy" "${many[$proxy]}" "$( [[ $proxy == sluice ]] && echo sluice-many || echo nginx)"
+      spread_load hosts-10k "$proxy" "${many[$proxy]}" "$( [[ $proxy == sluice ]] && echo sluice-many || echo "$proxy")"
     done
   fi
   echo "round $round/$rounds done" >&2
@@ -420,7 +432,7 @@ if ((${#keys[@]})); then
 fi
 if want hosts; then
   echo
-  for proxy in sluice nginx; do
+  for proxy in "${hosts_proxies[@]}"; do
     a=$(column_median cpu hosts-1 "$proxy"); d=$(column_median cpu hosts-10k "$proxy")
     echo "hosts      $proxy: CPU per request with 10,000 hosts × 10 routes ÷ with one route: $(ratio "$d" "$a") (target for Sluice ≤ 1.10)"
   done
