@@ -1611,7 +1611,7 @@ impl Validator<'_> {
             return None;
         }
         let mut ok = true;
-        let mut matches = Vec::new();
+        let mut matches = Vec::with_capacity(route.matches.len());
         for (j, m) in route.matches.iter().enumerate() {
             let path = format!("{base}.match[{j}]");
             if m.sni_hosts.is_empty() {
@@ -1676,7 +1676,7 @@ impl Validator<'_> {
         let origin = ctx.origin;
         let base = format!("spec.tcp[{index}]");
         let mut ok = true;
-        let mut matches = Vec::new();
+        let mut matches = Vec::with_capacity(route.matches.len());
         for (j, m) in route.matches.iter().enumerate() {
             let path = format!("{base}.match[{j}]");
             let port = match m.port {
@@ -1828,7 +1828,7 @@ impl Validator<'_> {
                  `directResponse`",
             );
         }
-        let mut matches = Vec::new();
+        let mut matches = Vec::with_capacity(route.matches.len());
         for (j, m) in route.matches.iter().enumerate() {
             let path = format!("{base}.match[{j}]");
             if let Some(m) = self.route_match(ctx, m, &path) {
@@ -2285,7 +2285,7 @@ impl Validator<'_> {
     ) -> Option<Vec<RouteDestination>> {
         let origin = ctx.origin;
         let mut ok = true;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(route.len());
         let mut total: i64 = 0;
         for (k, dest) in route.iter().enumerate() {
             let base = format!("{}.route[{k}]", ctx.base);

@@ -576,7 +576,7 @@ impl Compiler {
     }
 
     fn targets(&mut self, model: &Model, destinations: &[RouteDestination]) -> Targets {
-        let mut list = Vec::new();
+        let mut list = Vec::with_capacity(destinations.len());
         let mut cumulative = 0u32;
         for d in destinations {
             cumulative = cumulative.saturating_add(d.weight);
