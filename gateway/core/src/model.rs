@@ -500,14 +500,14 @@ impl fmt::Display for Endpoint {
 }
 
 /// A service known from a ServiceEntry: its ports and its labelled endpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub host: String,
     pub ports: Vec<ServicePortModel>,
     pub endpoints: Vec<WorkloadEndpoint>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServicePortModel {
     pub number: u16,
     pub name: Option<String>,
@@ -519,7 +519,7 @@ pub struct ServicePortModel {
     pub tls: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkloadEndpoint {
     pub address: EndpointAddress,
     /// Port name → endpoint port (`endpoints[].ports`).

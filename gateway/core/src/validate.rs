@@ -4,7 +4,7 @@
 //! mistake in one run. A config with any error yields no model at all: nothing is half-applied.
 //! Warnings (Istio accepts the config but it probably does not do what was meant) never block.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -29,34 +29,31 @@ pub fn validate(set: &ConfigSet, diagnostics: &mut Diagnostics) -> Option<Model>
 }
 
 /// [`validate`], reusing the VirtualServices `cache` holds from the previous run where neither
-/// their documents nor any document they may refer to changed; `cache` then holds this run's.
+/// their documents nor anything they refer to changed; `cache` then holds this run's.
 pub fn validate_cached(
     set: &ConfigSet,
     diagnostics: &mut Diagnostics,
     cache: &mut ValidateCache,
 ) -> Option<Model> {
-    let context = ContextDocs::of(set);
     let previous = std::mem::take(cache);
-    let reusable = if previous.context.as_ref() == Some(&context) {
-        previous.virtual_services
-    } else {
-        ByAddress::default()
-    };
     let mut v = Validator {
         set,
         diags: Diagnostics::default(),
         acme_issuers: Vec::new(),
         recording: None,
+        dependencies: None,
         validated: ByAddress::with_capacity_and_hasher(
             set.virtual_services.len(),
             Default::default(),
         ),
-        previous: reusable,
+        previous: previous.virtual_services,
+        previous_context: previous.context,
+        changes: Changes::default(),
     };
     let model = v.run();
     let failed = v.diags.has_errors();
     *cache = ValidateCache {
-        context: Some(context),
+        context: Some(Context::of(&model)),
         virtual_services: v.validated,
     };
     diagnostics.extend(v.diags);
@@ -64,35 +61,134 @@ pub fn validate_cached(
 }
 
 /// What one validation leaves for the next: the VirtualServices it validated, with their
-/// diagnostics, and the other documents they were validated against. A reload that edits one of
-/// 10,000 VirtualServices then validates one. Documents are compared by identity: the
+/// diagnostics and what they looked up, and what there was to look up. A reload that edits one of
+/// 10,000 VirtualServices then validates one; one that edits a DestinationRule validates those
+/// routing to its host. Documents are compared by identity: the
 /// [`ParseCache`](crate::config::ParseCache) hands back the same `Arc`s for unchanged text, and
 /// the cache holds those `Arc`s, so an address is never reused for other content while cached.
 #[derive(Default)]
 pub struct ValidateCache {
-    context: Option<ContextDocs>,
+    context: Option<Context>,
     /// By the address of the document's spec.
     virtual_services: ByAddress<ValidatedVirtualService>,
 }
 
-/// Every document other than the VirtualServices: what a VirtualService's validation may read
-/// (gateways it binds to, services, subsets, TLS policies, settings).
-#[derive(PartialEq)]
-struct ContextDocs {
-    settings: Vec<Parsed<crate::config::GatewaySettingsSpec>>,
-    gateways: Vec<Parsed<istio::GatewaySpec>>,
-    destination_rules: Vec<Parsed<istio::DestinationRuleSpec>>,
-    service_entries: Vec<Parsed<istio::ServiceEntrySpec>>,
+/// Everything a VirtualService's validation reads besides its own document (validated from the
+/// other documents): the gateways it may bind to, and per destination host the ServiceEntry, the
+/// subsets and the TLS policies.
+struct Context {
+    gateway_ids: BTreeSet<String>,
+    services: BTreeMap<String, Service>,
+    subsets: Subsets,
+    upstream_tls: UpstreamTlsPolicies,
 }
 
-impl ContextDocs {
-    fn of(set: &ConfigSet) -> Self {
+impl Context {
+    fn of(model: &Model) -> Self {
         Self {
-            settings: set.settings.iter().map(Parsed::of).collect(),
-            gateways: set.gateways.iter().map(Parsed::of).collect(),
-            destination_rules: set.destination_rules.iter().map(Parsed::of).collect(),
-            service_entries: set.service_entries.iter().map(Parsed::of).collect(),
+            gateway_ids: model.gateways.iter().map(|g| g.id.clone()).collect(),
+            services: model.services.clone(),
+            subsets: model.subsets.clone(),
+            upstream_tls: model.upstream_tls.clone(),
         }
+    }
+
+    /// What differs from `before`, entry by entry.
+    fn changes_since(&self, before: &Context) -> Changes {
+        /// The keys whose entries were added, removed or changed.
+        fn differing<K: Ord + Clone + std::hash::Hash, V: PartialEq>(
+            before: &BTreeMap<K, V>,
+            after: &BTreeMap<K, V>,
+        ) -> HashSet<K> {
+            let changed = before
+                .iter()
+                .filter(|(key, value)| after.get(*key) != Some(*value))
+                .map(|(key, _)| key);
+            let added = after.keys().filter(|key| !before.contains_key(*key));
+            changed.chain(added).cloned().collect()
+        }
+        let subsets = differing(&before.subsets, &self.subsets);
+        Changes {
+            everything: false,
+            services: differing(&before.services, &self.services),
+            subset_hosts: subsets.iter().map(|(host, _)| host.clone()).collect(),
+            subsets,
+            upstream_tls: differing(&before.upstream_tls, &self.upstream_tls),
+            gateways: before
+                .gateway_ids
+                .symmetric_difference(&self.gateway_ids)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Differences between the previous run's [`Context`] and this one's, by entry.
+struct Changes {
+    /// No previous run to compare with.
+    everything: bool,
+    services: HashSet<String>,
+    subsets: HashSet<(String, String)>,
+    /// The hosts of `subsets`.
+    subset_hosts: HashSet<String>,
+    upstream_tls: HashSet<(String, Option<String>)>,
+    /// Gateways added or removed.
+    gateways: BTreeSet<String>,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self {
+            everything: true,
+            services: HashSet::new(),
+            subsets: HashSet::new(),
+            subset_hosts: HashSet::new(),
+            upstream_tls: HashSet::new(),
+            gateways: BTreeSet::new(),
+        }
+    }
+}
+
+impl Changes {
+    /// Whether a VirtualService validated with `dependencies` would be validated the same now.
+    fn spare(&self, dependencies: &Dependencies) -> bool {
+        let d = dependencies;
+        !self.everything
+            && !d.services.iter().any(|h| self.services.contains(h))
+            && !d.subsets.iter().any(|s| self.subsets.contains(s))
+            && !d
+                .all_subsets_of
+                .iter()
+                .any(|h| self.subset_hosts.contains(h))
+            && !d.upstream_tls.iter().any(|t| self.upstream_tls.contains(t))
+            && !d.gateways.iter().any(|g| self.gateways.contains(g))
+            && (!d.all_gateways || self.gateways.is_empty())
+    }
+}
+
+/// What a VirtualService's validation looked up in the [`Context`]: the entries its result
+/// depends on. A VirtualService with a destination `reviews` subset `v1` does not depend on a
+/// subset `v2` being added.
+#[derive(Default)]
+struct Dependencies {
+    /// ServiceEntry hosts looked up (present or not).
+    services: Vec<String>,
+    /// (host, subset) looked up.
+    subsets: Vec<(String, String)>,
+    /// Hosts whose subset names an error listed.
+    all_subsets_of: Vec<String>,
+    /// TLS policies looked up: (host, subset) and (host, None).
+    upstream_tls: Vec<(String, Option<String>)>,
+    /// Gateway ids it binds to.
+    gateways: Vec<String>,
+    /// It named a gateway that does not exist, and the error lists every gateway.
+    all_gateways: bool,
+}
+
+/// Adds `item` unless it is there: dependency lists are short (a few per route).
+fn add_once<T: PartialEq>(list: &mut Vec<T>, item: T) {
+    if !list.contains(&item) {
+        list.push(item);
     }
 }
 
@@ -117,18 +213,12 @@ impl<T> Parsed<T> {
     }
 }
 
-impl<T> PartialEq for Parsed<T> {
-    fn eq(&self, other: &Self) -> bool {
-        std::sync::Arc::ptr_eq(&self.spec, &other.spec)
-            && std::sync::Arc::ptr_eq(&self.metadata, &other.metadata)
-    }
-}
-
 struct ValidatedVirtualService {
     document: Parsed<istio::VirtualServiceSpec>,
     result: std::sync::Arc<VirtualService>,
     /// Replayed at the document's current position when the result is reused.
     diagnostics: Vec<Recorded>,
+    dependencies: Dependencies,
 }
 
 /// A diagnostic by YAML path, before it is placed in a file.
@@ -144,10 +234,14 @@ struct Validator<'a> {
     diags: Diagnostics,
     /// From GatewaySettings, for servers whose `credentialName` is `acme:<issuer>`.
     acme_issuers: Vec<AcmeIssuer>,
-    /// While a VirtualService is validated: its diagnostics, for the cache.
+    /// While a VirtualService is validated: its diagnostics and lookups, for the cache.
     recording: Option<Vec<Recorded>>,
-    /// Reusable results of the previous run.
+    dependencies: Option<Dependencies>,
+    /// The previous run's results, and what they were validated against.
     previous: ByAddress<ValidatedVirtualService>,
+    previous_context: Option<Context>,
+    /// Which of the previous results are still valid (set once the context is known).
+    changes: Changes,
     /// This run's results, for the next.
     validated: ByAddress<ValidatedVirtualService>,
 }
@@ -202,37 +296,42 @@ impl Validator<'_> {
         upstream_tls: &UpstreamTlsPolicies,
     ) -> std::sync::Arc<VirtualService> {
         let key = address_of(&doc.spec);
-        let reusable = self
-            .previous
-            .get(&key)
-            .or_else(|| self.validated.get(&key))
-            .filter(|cached| cached.document.is(doc))
-            .map(|cached| (cached.result.clone(), cached.diagnostics.clone()));
-        let (result, diagnostics) = match reusable {
-            Some((result, diagnostics)) => {
-                for d in &diagnostics {
+        // The same text twice (a duplicate, reported as such) is the same parse: validated once.
+        if let Some(twin) = self.validated.get(&key).filter(|t| t.document.is(doc)) {
+            let (result, diagnostics) = (twin.result.clone(), twin.diagnostics.clone());
+            for d in diagnostics {
+                self.replay(&doc.origin, d.severity, &d.path, d.message);
+            }
+            return result;
+        }
+        let cached = match self.previous.remove(&key) {
+            Some(cached) if cached.document.is(doc) && self.changes.spare(&cached.dependencies) => {
+                Some(cached)
+            }
+            _ => None,
+        };
+        let validated = match cached {
+            Some(cached) => {
+                for d in &cached.diagnostics {
                     self.replay(&doc.origin, d.severity, &d.path, d.message.clone());
                 }
-                (result, diagnostics)
+                cached
             }
             None => {
                 self.recording = Some(Vec::new());
+                self.dependencies = Some(Dependencies::default());
                 let result =
                     self.virtual_service(doc, gateway_ids, services, subsets, upstream_tls);
-                (
-                    std::sync::Arc::new(result),
-                    self.recording.take().unwrap_or_default(),
-                )
+                ValidatedVirtualService {
+                    document: Parsed::of(doc),
+                    result: std::sync::Arc::new(result),
+                    diagnostics: self.recording.take().unwrap_or_default(),
+                    dependencies: self.dependencies.take().unwrap_or_default(),
+                }
             }
         };
-        self.validated.insert(
-            key,
-            ValidatedVirtualService {
-                document: Parsed::of(doc),
-                result: result.clone(),
-                diagnostics,
-            },
-        );
+        let result = validated.result.clone();
+        self.validated.insert(key, validated);
         result
     }
 
@@ -244,6 +343,15 @@ impl Validator<'_> {
         let services = self.service_entries();
         let (subsets, upstream_tls) = self.destination_rules();
         let gateway_ids: BTreeSet<String> = gateways.iter().map(|g| g.id.clone()).collect();
+        if let Some(before) = &self.previous_context {
+            let now = Context {
+                gateway_ids: gateway_ids.clone(),
+                services: services.clone(),
+                subsets: subsets.clone(),
+                upstream_tls: upstream_tls.clone(),
+            };
+            self.changes = now.changes_since(before);
+        }
         let virtual_services = self
             .set
             .virtual_services
@@ -1772,6 +1880,10 @@ impl Validator<'_> {
         } else {
             format!("{namespace}/{name}")
         };
+        if let Some(dependencies) = &mut self.dependencies {
+            dependencies.all_gateways |= !gateway_ids.contains(&id);
+            add_once(&mut dependencies.gateways, id.clone());
+        }
         if gateway_ids.contains(&id) {
             return Some(Binding::Gateway(id));
         }
@@ -2358,6 +2470,17 @@ impl Validator<'_> {
             path: path.into(),
         };
         let host = expand_short_name(&dest.host, ctx.namespace);
+        if let Some(dependencies) = &mut self.dependencies {
+            add_once(&mut dependencies.services, host.clone());
+            add_once(&mut dependencies.upstream_tls, (host.clone(), None));
+            if let Some(subset) = &dest.subset {
+                add_once(&mut dependencies.subsets, (host.clone(), subset.clone()));
+                add_once(
+                    &mut dependencies.upstream_tls,
+                    (host.clone(), Some(subset.clone())),
+                );
+            }
+        }
         let host_path = format!("{base}.host");
         if host.contains('*') {
             self.error(at(&host_path), "a destination host cannot be a wildcard");
@@ -2435,6 +2558,9 @@ impl Validator<'_> {
         if let Some(subset) = &dest.subset {
             let subset_path = format!("{base}.subset");
             if !ctx.subsets.contains_key(&(host.clone(), subset.clone())) {
+                if let Some(dependencies) = &mut self.dependencies {
+                    add_once(&mut dependencies.all_subsets_of, host.clone());
+                }
                 let known: Vec<&str> = ctx
                     .subsets
                     .keys()

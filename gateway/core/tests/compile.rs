@@ -335,10 +335,10 @@ fn reloads_reuse_unchanged_documents_and_follow_their_new_positions() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A reload validates only the VirtualServices whose documents changed, and only while nothing they
-/// may refer to changed, and compiles only the routes that came out new; whatever it reuses, it
-/// reports and serves exactly what a fresh load of the same files does, at the positions the files
-/// have now.
+/// A reload validates only the VirtualServices whose documents changed or that looked up an entry
+/// that changed (a ServiceEntry host, a subset, a TLS policy, a gateway), and compiles only the
+/// routes that came out new; whatever it reuses, it reports and serves exactly what a fresh load of
+/// the same files does, at the positions the files have now.
 #[test]
 fn reloads_validate_and_compile_only_what_changed_and_match_a_fresh_load() {
     use std::sync::Arc;
@@ -382,16 +382,61 @@ fn reloads_validate_and_compile_only_what_changed_and_match_a_fresh_load() {
     let filler = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: filler}\n\
                   spec:\n  hosts: [filler.test]\n  gateways: [gw]\n  http: [{directResponse: {status: 200}}]\n";
     let (b200, b201) = (b(200), b(201));
+    let ratings_rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+                        metadata: {name: ratings}\nspec: {host: ratings.test, subsets: [{name: v1}]}\n";
+    let ratings_tcp = ratings.replace("name: http}", "name: db, protocol: TCP}");
+    let gateway2 = gateway
+        .replace("{name: gw}", "{name: gw2}")
+        .replace("8080", "8081");
+    // `d` names a gateway that does not exist: its error lists the gateways there are.
+    let d = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: d}\n\
+             spec:\n  hosts: [d.test]\n  gateways: [gw3]\n  http: [{directResponse: {status: 200}}]\n";
+    let three =
+        rule("{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}, {name: v3}");
+    // `e` names a subset that does not exist: its error lists the subsets there are.
+    let e = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: e}\n\
+             spec:\n  hosts: [e.test]\n  gateways: [gw]\n  http: [{route: [{destination: {host: reviews.test, subset: v9}}]}]\n";
+    // `f` routes to a port that speaks TLS: valid only with a DestinationRule originating TLS.
+    let secure = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: secure}\n\
+                  spec: {hosts: [secure.test], ports: [{number: 443, name: https, protocol: HTTPS}], resolution: DNS}\n";
+    let secure_rule =
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: secure}\n\
+                       spec: {host: secure.test, trafficPolicy: {tls: {mode: SIMPLE}}}\n";
+    let f = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: f}\n\
+             spec:\n  hosts: [f.test]\n  gateways: [gw]\n  http: [{route: [{destination: {host: secure.test}}]}]\n";
+    let g = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: g}\n\
+             spec:\n  hosts: [g.test]\n  gateways: [gw2]\n  http: [{directResponse: {status: 200}}]\n";
+    #[rustfmt::skip]
     let steps = [
         vec![gateway, &reviews, &ratings, &both, a, &b200, c],
-        // Everything moves down one document; b changes.
+        // 1. Everything moves down one document; b changes.
         vec![gateway, filler, &reviews, &ratings, &both, a, &b201, c],
-        // The subset `a` routes to disappears: `a` must be validated again, and fails.
+        // 2. The subset `a` routes to disappears: `a` must be validated again, and fails.
         vec![gateway, filler, &reviews, &ratings, &v1_only, a, &b201, c],
         vec![gateway, filler, &reviews, &ratings, &both, a, &b201, c],
-        // c moves before a: ratings' upstream is now numbered before reviews', so a's compiled
+        // 4. c moves before a: ratings' upstream is now numbered before reviews', so a's compiled
         // route (which names upstreams by number) must be built again, from the same validated one.
         vec![gateway, filler, &reviews, &ratings, &both, c, a, &b201],
+        // 5. A DestinationRule for ratings: c routes there, but to no subset, so it stays.
+        vec![gateway, filler, &reviews, &ratings, &both, ratings_rule, c, a, &b201],
+        // 6. ratings' port becomes TCP: c fails.
+        vec![gateway, filler, &reviews, &ratings_tcp, &both, ratings_rule, c, a, &b201],
+        // 7, 8. d's error names the known gateways, so a new gateway must change it.
+        vec![gateway, filler, &reviews, &ratings, &both, ratings_rule, c, a, &b201, d],
+        vec![gateway, &gateway2, filler, &reviews, &ratings, &both, ratings_rule, c, a, &b201, d],
+        vec![gateway, &gateway2, filler, &reviews, &ratings, &both, ratings_rule, c, a, &b201],
+        // 10. A subset a does not use is added to reviews: a stays as validated.
+        vec![gateway, &gateway2, filler, &reviews, &ratings, &three, ratings_rule, c, a, &b201],
+        // 11, 12. e's error lists reviews' subsets, so removing one (that e does not name) must
+        // change it.
+        vec![gateway, filler, &reviews, &ratings, &three, c, a, &b201, e],
+        vec![gateway, filler, &reviews, &ratings, &both, c, a, &b201, e],
+        // 13, 14. f is valid only once the DestinationRule originating TLS exists.
+        vec![gateway, &reviews, &both, a, secure, f],
+        vec![gateway, &reviews, &both, a, secure, secure_rule, f],
+        // 15, 16. g binds to gw2, which then goes.
+        vec![gateway, &gateway2, &reviews, &both, a, g],
+        vec![gateway, &reviews, &both, a, g],
     ];
     /// What the snapshot serves, in a comparable form.
     fn served(snapshot: &Option<sluice_core::snapshot::Snapshot>) -> Vec<String> {
@@ -460,6 +505,17 @@ fn reloads_validate_and_compile_only_what_changed_and_match_a_fresh_load() {
     // Reordered: the same validated route, compiled again for the new upstream numbers.
     assert!(Arc::ptr_eq(&validated(3, "a"), &validated(4, "a")));
     assert!(!Arc::ptr_eq(&compiled(3, "a.test"), &compiled(4, "a.test")));
+    // A DestinationRule, ServiceEntry or Gateway edit: only what looked up a changed entry is
+    // validated again, and what was not keeps its compiled routes.
+    assert!(Arc::ptr_eq(&validated(4, "c"), &validated(5, "c")));
+    assert!(Arc::ptr_eq(&validated(4, "a"), &validated(5, "a")));
+    assert!(Arc::ptr_eq(&compiled(4, "a.test"), &compiled(5, "a.test")));
+    assert!(models[6].is_none() && models[7].is_none() && models[8].is_none());
+    assert!(Arc::ptr_eq(&validated(5, "a"), &validated(9, "a")));
+    assert!(Arc::ptr_eq(&validated(5, "b"), &validated(9, "b")));
+    assert!(Arc::ptr_eq(&validated(9, "a"), &validated(10, "a")));
+    assert!(models[13].is_none() && models[14].is_some());
+    assert!(models[15].is_some() && models[16].is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
