@@ -49,11 +49,12 @@ pub fn validate_cached(
         previous: previous.virtual_services,
         previous_context: previous.context,
         changes: Changes::default(),
+        context: None,
     };
     let model = v.run();
     let failed = v.diags.has_errors();
     *cache = ValidateCache {
-        context: Some(Context::of(&model)),
+        context: v.context.take(),
         virtual_services: v.validated,
     };
     diagnostics.extend(v.diags);
@@ -84,15 +85,6 @@ struct Context {
 }
 
 impl Context {
-    fn of(model: &Model) -> Self {
-        Self {
-            gateway_ids: model.gateways.iter().map(|g| g.id.clone()).collect(),
-            services: model.services.clone(),
-            subsets: model.subsets.clone(),
-            upstream_tls: model.upstream_tls.clone(),
-        }
-    }
-
     /// What differs from `before`, entry by entry.
     fn changes_since(&self, before: &Context) -> Changes {
         /// The keys whose entries were added, removed or changed.
@@ -242,6 +234,8 @@ struct Validator<'a> {
     previous_context: Option<Context>,
     /// Which of the previous results are still valid (set once the context is known).
     changes: Changes,
+    /// This run's context, for the next.
+    context: Option<Context>,
     /// This run's results, for the next.
     validated: ByAddress<ValidatedVirtualService>,
 }
@@ -343,15 +337,16 @@ impl Validator<'_> {
         let services = self.service_entries();
         let (subsets, upstream_tls) = self.destination_rules();
         let gateway_ids: BTreeSet<String> = gateways.iter().map(|g| g.id.clone()).collect();
-        if let Some(before) = &self.previous_context {
-            let now = Context {
-                gateway_ids: gateway_ids.clone(),
-                services: services.clone(),
-                subsets: subsets.clone(),
-                upstream_tls: upstream_tls.clone(),
-            };
-            self.changes = now.changes_since(before);
+        let now = Context {
+            gateway_ids: gateway_ids.clone(),
+            services: services.clone(),
+            subsets: subsets.clone(),
+            upstream_tls: upstream_tls.clone(),
+        };
+        if let Some(before) = self.previous_context.take() {
+            self.changes = now.changes_since(&before);
         }
+        self.context = Some(now);
         let virtual_services = self
             .set
             .virtual_services
