@@ -17,7 +17,7 @@ use crate::identity::{address_of, ByAddress};
 use crate::model::{
     upstream_tls_for, Action, Binding, EndpointAddress, Gateway, HeaderRules, HostPattern,
     HttpRoute, ListenerFamily, Model, RouteDestination, RouteMatch, Server, ServerTls, ServiceKey,
-    Settings, TlsMode, UpstreamProtocol, UpstreamTls,
+    Settings, StrMatch, TlsMode, UpstreamProtocol, UpstreamTls,
 };
 use crate::validate::labels_match;
 pub use hosts::{host_of_authority, HostTable};
@@ -117,6 +117,10 @@ pub struct L4Route {
 pub struct VirtualHost {
     pub name: String,
     pub routes: Vec<Arc<Route>>,
+    /// `routes[i].path_guard`, side by side: first-match over a host's routes rejects most of
+    /// them here without following their pointers. In a large config every route a request looks
+    /// at is a cache miss or four (route, definition, match list, prefix).
+    path_guards: Vec<PathGuard>,
 }
 
 /// One route as compiled for one Gateway: `match` blocks that name other gateways are dropped.
@@ -124,6 +128,59 @@ pub struct VirtualHost {
 pub struct Route {
     pub def: Arc<HttpRoute>,
     pub targets: Targets,
+    path_guard: PathGuard,
+}
+
+/// The first bytes every path a route matches starts with (the common head of its `match` blocks'
+/// case-sensitive `uri` exact or prefix values, at most 15 bytes): a necessary condition, checked
+/// before the route itself. Empty when some block does not constrain the path that way.
+#[derive(Debug, Clone, Copy)]
+struct PathGuard {
+    head: [u8; 15],
+    len: u8,
+}
+
+impl PathGuard {
+    const ANY: PathGuard = PathGuard {
+        head: [0; 15],
+        len: 0,
+    };
+
+    fn of(route: &HttpRoute) -> Self {
+        let mut common: Option<&[u8]> = None;
+        for m in &route.matches {
+            let literal = match &m.uri {
+                Some(StrMatch::Exact(s) | StrMatch::Prefix(s)) if !m.ignore_uri_case => {
+                    s.as_bytes()
+                }
+                _ => return Self::ANY,
+            };
+            common = Some(match common {
+                None => literal,
+                Some(so_far) => {
+                    let same = so_far
+                        .iter()
+                        .zip(literal)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    &so_far[..same]
+                }
+            });
+        }
+        let Some(common) = common else {
+            return Self::ANY;
+        };
+        let mut guard = Self::ANY;
+        let len = common.len().min(guard.head.len());
+        guard.head[..len].copy_from_slice(&common[..len]);
+        guard.len = len as u8;
+        guard
+    }
+
+    fn admits(&self, path: &str) -> bool {
+        let head = &self.head[..usize::from(self.len)];
+        path.as_bytes().get(..head.len()) == Some(head)
+    }
 }
 
 /// Weighted destinations, ready to pick from.
@@ -264,7 +321,10 @@ impl Listener {
         let Some(vhost) = vhost.and_then(|(i, _)| self.virtual_hosts.get(*i)) else {
             return RouteLookup::NoHost;
         };
-        for route in &vhost.routes {
+        for (route, guard) in vhost.routes.iter().zip(&vhost.path_guards) {
+            if !guard.admits(req.path) {
+                continue;
+            }
             if route.def.matches.is_empty() {
                 return RouteLookup::Found {
                     route,
@@ -503,10 +563,14 @@ impl Compiler {
             listener.virtual_hosts.push(VirtualHost {
                 name: host.to_string(),
                 routes: Vec::new(),
+                path_guards: Vec::new(),
             });
         }
         if let Some(vhost) = listener.virtual_hosts.get_mut(vhost_index) {
             vhost.routes.extend(routes.iter().cloned());
+            vhost
+                .path_guards
+                .extend(routes.iter().map(|r| r.path_guard));
         }
     }
 
@@ -668,7 +732,12 @@ impl Compiler {
                     clusters.push((target.cluster, target.service.clone()));
                 }
             }
-            routes.push(Arc::new(Route { def, targets }));
+            let path_guard = PathGuard::of(&def);
+            routes.push(Arc::new(Route {
+                def,
+                targets,
+                path_guard,
+            }));
         }
         GatewayView {
             gateway: gateway.to_string(),
@@ -788,4 +857,92 @@ pub fn summary(snapshot: &Snapshot) -> String {
         },
         snapshot.clusters.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DirectResponse, Rewrite};
+
+    fn route(matches: Vec<RouteMatch>) -> HttpRoute {
+        HttpRoute {
+            label: "test".into(),
+            matches,
+            action: Action::Respond(DirectResponse {
+                status: 200,
+                body: String::new(),
+            }),
+            rewrite: Rewrite::default(),
+            headers: HeaderRules::default(),
+        }
+    }
+
+    fn uri(m: StrMatch) -> RouteMatch {
+        RouteMatch {
+            uri: Some(m),
+            ..RouteMatch::default()
+        }
+    }
+
+    #[test]
+    fn a_path_guard_never_rejects_a_path_its_route_matches() {
+        let prefix = |s: &str| uri(StrMatch::Prefix(s.into()));
+        let exact = |s: &str| uri(StrMatch::Exact(s.into()));
+        let ignoring_case = RouteMatch {
+            ignore_uri_case: true,
+            ..prefix("/api/")
+        };
+        let regex = uri(StrMatch::Regex(regex::Regex::new("^/r[0-9]/$").unwrap()));
+        let routes = [
+            route(vec![]),
+            route(vec![prefix("/r3/")]),
+            route(vec![prefix("/api/v1/"), exact("/api/v2")]),
+            route(vec![prefix("/a-prefix-longer-than-the-guard/")]),
+            route(vec![prefix("/api/"), RouteMatch::default()]),
+            route(vec![ignoring_case]),
+            route(vec![regex, prefix("/r3/")]),
+            route(vec![prefix("")]),
+        ];
+        let paths = [
+            "/",
+            "/r3/",
+            "/r3/x",
+            "/r4/",
+            "/R3/",
+            "/api/v1/a",
+            "/api/v2",
+            "/api/v3",
+            "/API/x",
+            "/a-prefix-longer-than-the-guard/x",
+            "/a-prefix-longer-than-the-g",
+            "",
+            "/r1/",
+        ];
+        let headers = http::HeaderMap::new();
+        let req = |path| RequestInfo {
+            method: "GET",
+            scheme: "http",
+            authority: "a.test",
+            path,
+            query: None,
+            headers: &headers,
+            port: 80,
+        };
+        let mut rejected = 0;
+        for route in &routes {
+            let guard = PathGuard::of(route);
+            for path in paths {
+                let matches =
+                    route.matches.is_empty() || route.matches.iter().any(|m| m.matches(&req(path)));
+                if !guard.admits(path) {
+                    assert!(!matches, "{path} rejected by the guard of {route:?}");
+                    rejected += 1;
+                }
+            }
+        }
+        assert!(rejected > 20, "the guards reject little: {rejected}");
+        // The common head of `/api/v1/` and `/api/v2` is `/api/v`.
+        let api = PathGuard::of(&routes[2]);
+        assert!(api.admits("/api/v9") && !api.admits("/api/x"));
+    }
 }
