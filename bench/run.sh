@@ -3,7 +3,7 @@
 # equivalent configs (written below), one worker each, driven in turn with the same load, rounds
 # interleaved (A B C D…, then …D C B A). Loopback only; every step is bounded in time.
 #
-#   bench/run.sh [scenario] [rounds]    rounds: default 5 (3 for gate), each run 5 s of load
+#   bench/run.sh [scenario] [rounds]    rounds: default 5, each run 5 s of load (gate: 3 s)
 #
 # Scenarios (all = every one but gate):
 #   plain     (a) HTTP/1.1 keep-alive, 64 connections, 2-byte answers; and direct to the upstream
@@ -32,8 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-all}
 case $scenario in
-  all|plain|tls|handshake|hosts|split|idle|rate|reload) rounds=${2:-5};;
-  gate) rounds=${2:-3};;
+  all|plain|tls|handshake|hosts|split|idle|rate|reload|gate) rounds=${2:-5};;
   *) echo "unknown scenario: $scenario" >&2; sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2;;
 esac
 seconds=5
