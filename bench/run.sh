@@ -481,9 +481,9 @@ fi
 if want reload; then
   # Edits of the 10,000-host config while wrk keeps 64 connections busy on it, timed from the write
   # to the new host's first 200. Two kinds: a VirtualService for a new host appended to one file
-  # (only it is validated and compiled), and a file written with a DestinationRule and a
-  # VirtualService routing to its subset (a DestinationRule changed: every VirtualService is
-  # validated again).
+  # (only it is validated and compiled), and a file written with a DestinationRule of the service
+  # every host routes to and a VirtualService routing to its new subset (the DestinationRule
+  # changed: what looked up the changed subsets is validated again).
   HOSTS=10000 ROUTES=10 $load wrk -t1 -c64 -d$((rounds * 6 + 10))s -s bench/spread.lua \
     "http://127.0.0.1:${many[sluice]}" >"$work/reload-load.txt" 2>&1 &
   wrk_pid=$!

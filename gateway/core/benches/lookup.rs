@@ -110,8 +110,9 @@ fn benches(c: &mut Criterion) {
     });
     // Absent when a filter skipped the bench above.
     let _ = std::fs::remove_file(&edited);
-    // An edit every VirtualService may depend on (a DestinationRule's subsets): each is validated
-    // again; parses and compiled routes still come from the caches.
+    // An edit of the service every VirtualService routes to (a new DestinationRule subset): only
+    // what looked up a changed entry is validated again; parses and compiled routes come from the
+    // caches.
     let rule = dir.join("rule.yaml");
     group.bench_function("reload after a DestinationRule edit (caches), 10k hosts x 10 routes", |b| {
         b.iter(|| {

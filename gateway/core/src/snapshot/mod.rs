@@ -128,6 +128,8 @@ pub struct VirtualHost {
 pub struct Route {
     pub def: Arc<HttpRoute>,
     pub targets: Targets,
+    /// Worked out once with the route: a reused route is copied into its virtual host's
+    /// `path_guards` without reading its definition again.
     path_guard: PathGuard,
 }
 
