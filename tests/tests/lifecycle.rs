@@ -163,6 +163,31 @@ async fn a_new_listener_port_is_reported_as_needing_a_restart() -> anyhow::Resul
     Ok(())
 }
 
+#[tokio::test]
+async fn a_listener_port_already_taken_stops_the_start_naming_the_address() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        TestGateway::fill(&direct(port, "one"), dir.path(), free_port()),
+    )?;
+    let mut child = spawn_sluice(&config, dir.path(), false)?;
+    // A few retries first: the port may be held by a process that is just exiting.
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    let _ = child.kill();
+    let log = std::fs::read_to_string(dir.path().join("sluice.log"))?;
+    assert!(!status?.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{log}"
+    );
+    drop(taken);
+    Ok(())
+}
+
 async fn wait_exit(
     child: &mut std::process::Child,
     timeout: Duration,

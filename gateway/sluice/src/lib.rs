@@ -9,6 +9,7 @@
 //!   admin (health, status, metrics) · lifecycle (drain, upgrade) · dns (refresh)
 //! ```
 
+pub mod accept;
 pub mod access_log;
 pub mod acme;
 pub mod admin;

@@ -15,7 +15,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use log::debug;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
@@ -60,19 +59,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
     /// knowledge on plaintext ports) goes to Pingora's own connection loop: its requests are
     /// streams, nothing waits per request. HTTP/1.1 keep-alive is looped here, see the module docs.
     async fn serve_http(&self, mut stream: ReplayIo, shutdown: &ShutdownWatch) {
-        let h2 = match stream.selected_alpn_proto() {
-            Some(ALPN::H2) => true,
-            _ if stream.get_ssl_digest().is_some() => false,
-            _ => {
-                let h2c = self.inner.server_options().is_some_and(|o| o.h2c);
-                let opening =
-                    tokio::time::timeout(KEEPALIVE_IDLE, stream.starts_with_h2_preface()).await;
-                match opening {
-                    Ok(Ok(preface)) => h2c && preface,
-                    // Closed, failed or silent before a first request: nothing to serve.
-                    Ok(Err(_)) | Err(_) => return,
-                }
-            }
+        // Boxed, as every step that happens once: this future lives as long as the connection.
+        let Some(h2) = Box::pin(self.speaks_h2(&mut stream)).await else {
+            return;
         };
         if h2 {
             let _ = ServerApp::process_new(&self.inner, Box::new(stream), shutdown).await;
@@ -85,6 +74,24 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
                 return;
             }
             next = self.http1_request(stream, persistent, shutdown);
+        }
+    }
+
+    /// Whether the connection speaks HTTP/2: by ALPN under TLS, else by the h2c preface. `None`
+    /// when it closes, fails or stays silent before a first request: nothing to serve.
+    async fn speaks_h2(&self, stream: &mut ReplayIo) -> Option<bool> {
+        match stream.selected_alpn_proto() {
+            Some(ALPN::H2) => Some(true),
+            _ if stream.get_ssl_digest().is_some() => Some(false),
+            _ => {
+                let h2c = self.inner.server_options().is_some_and(|o| o.h2c);
+                let opening =
+                    tokio::time::timeout(KEEPALIVE_IDLE, stream.starts_with_h2_preface()).await;
+                match opening {
+                    Ok(Ok(preface)) => Some(h2c && preface),
+                    Ok(Err(_)) | Err(_) => None,
+                }
+            }
         }
     }
 
@@ -126,7 +133,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
         // ClientHello and then nothing may not hold the connection.
         let accepted = tokio::time::timeout(PRE_HTTP_DEADLINE, Box::pin(self.accept_tls(stream)));
         match accepted.await {
-            Ok(TlsOutcome::Terminated(tls)) => self.serve_http(ReplayIo::new(tls), shutdown).await,
+            Ok(TlsOutcome::Terminated(tls)) => {
+                self.serve_http(ReplayIo::for_http(tls), shutdown).await
+            }
             // Forwarding is not part of the handshake deadline.
             Ok(TlsOutcome::Passthrough(stream, route, generation)) => {
                 self.forward(stream, &route, &generation).await
@@ -153,6 +162,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
             Err((failure, reason)) => {
                 self.series.handshake_failed(failure);
                 debug!("port {}: {reason}", self.port);
+                discard_arrived(&mut stream).await;
                 return TlsOutcome::Closed;
             }
         };
@@ -245,16 +255,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
             ),
         }
     }
-}
 
-#[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        mut stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let _open = self.series.open_connection();
+    /// Whether the connection may go on: its port still speaks what it was bound as, and its PROXY
+    /// header (where configured) arrived in time and was valid.
+    async fn admit(&self, stream: &mut Stream) -> bool {
         let generation = self.live.current();
         // What a port speaks is fixed when it is bound. If a reload changed it (HTTP → HTTPS, say),
         // serving the new routes over the old family could expose TLS-only routes in plaintext: the
@@ -268,34 +272,41 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
                 "port {}: now configured as {family:?}, bound as {:?}; closing",
                 self.port, self.family
             );
-            return None;
+            return false;
         }
         let proxy_protocol = generation.snapshot.settings.proxy_protocol.clone();
+        drop(generation);
         if let Some(settings) = proxy_protocol.filter(|s| s.applies_to(self.port)) {
             let accepted = tokio::time::timeout(
                 PRE_HTTP_DEADLINE,
-                Box::pin(crate::proxy_protocol::accept(stream.as_mut(), &settings)),
+                crate::proxy_protocol::accept(stream.as_mut(), &settings),
             )
             .await
             .unwrap_or_else(|_| Err("PROXY header not complete in time".into()));
             if let Err(reason) = accepted {
                 debug!("closing connection on port {}: {reason}", self.port);
-                return None;
+                return false;
             }
         }
-        // Each branch is boxed: this future lives as long as the connection, and an idle HTTP
-        // connection should not carry the space a TLS handshake or a TCP forward needs. HTTP
-        // connections do not keep their first generation alive either; each request loads its own.
+        true
+    }
+
+    /// Everything that happens on an accepted connection, until it closes.
+    pub async fn serve_connection(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
+        let _open = self.series.open_connection();
+        if !Box::pin(self.admit(&mut stream)).await {
+            return;
+        }
+        // Each branch is boxed: this future is the connection's task, and an idle HTTP connection
+        // should not carry the space a TLS handshake or a TCP forward needs. HTTP connections do
+        // not keep a generation alive either; each request loads its own.
         match self.family {
             ListenerFamily::PlainHttp => {
-                drop(generation);
-                Box::pin(self.serve_http(ReplayIo::new(stream), shutdown)).await
+                Box::pin(self.serve_http(ReplayIo::for_http(stream), shutdown)).await
             }
-            ListenerFamily::Tls => {
-                drop(generation);
-                Box::pin(self.tls(stream, shutdown)).await
-            }
+            ListenerFamily::Tls => Box::pin(self.tls(stream, shutdown)).await,
             ListenerFamily::Tcp => {
+                let generation = self.live.current();
                 let route = generation
                     .snapshot
                     .listener(self.port)
@@ -306,11 +317,24 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ListenerApp<A> {
                 }
             }
         }
-        None
     }
+}
 
-    async fn cleanup(&self) {
-        self.inner.http_cleanup().await;
+/// Reads and drops what the client has already sent, without waiting for more. Closing a socket
+/// with unread data makes the kernel answer with a reset, so a client that sent something other
+/// than a ClientHello (plaintext HTTP, say) would see "connection reset" instead of the close.
+async fn discard_arrived(stream: &mut Stream) {
+    use tokio::io::AsyncReadExt;
+    // Bounded: a client streaming garbage is not read for long.
+    const MOST: usize = 64 * 1024;
+    let mut scratch = vec![0u8; 4096];
+    let mut discarded = 0;
+    while discarded < MOST {
+        // A zero timeout polls the read once: it answers only with what has already arrived.
+        match tokio::time::timeout(std::time::Duration::ZERO, stream.read(&mut scratch)).await {
+            Ok(Ok(read)) if read > 0 => discarded += read,
+            _ => break,
+        }
     }
 }
 

@@ -4,14 +4,20 @@
 //!
 //! The read-ahead is what lets an idle keep-alive connection wait for its next request without
 //! Pingora's per-request state: the listener waits in [`ReplayIo::try_peek`], and only when a
-//! request starts does it build the next HTTP session. The wait reads whatever has arrived (up to
-//! 4 KiB, usually the whole request head) in the same single read the session would have made, so
-//! it costs no extra system call; the buffer exists only from that read until it is handed over,
-//! so an idle connection holds none.
+//! request starts does it build the next HTTP session. The wait is the read the session would
+//! have made, so it costs no extra system call. Its buffer is the one thing an idle connection
+//! holds besides its socket: 1 KiB, as nginx's `client_header_buffer_size` ([`FIRST_READ`]); it
+//! is freed once handed over, and a longer request head is read on in the session's read.
+//!
+//! On an HTTP connection ([`ReplayIo::for_http`]) it also gathers writes until the session flushes,
+//! so a response head and a small body leave in one send. Its buffer too exists only while
+//! something is pending: connections are accepted without Pingora's L4 write buffer, which an idle
+//! connection would keep.
 
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,6 +37,15 @@ pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// session reads a request head in 4 KiB steps too.
 const READ_AHEAD: usize = 4096;
 
+/// What the first read of a request takes (nginx's `client_header_buffer_size`): most request
+/// heads fit in it, and an idle connection waiting to read holds no more than this. The rest of a
+/// longer head is read on when the session reads.
+const FIRST_READ: usize = 1024;
+
+/// Writes gathered before a send; a longer write goes out directly. Pingora's HTTP/1 session
+/// flushes at the end of every response, and after each chunk of a streamed one.
+const WRITE_GATHER: usize = 4096;
+
 #[derive(Debug)]
 pub struct ReplayIo {
     inner: Stream,
@@ -38,15 +53,45 @@ pub struct ReplayIo {
     /// whenever nothing is pending.
     ahead: Vec<u8>,
     start: usize,
+    gather_writes: bool,
+    /// Written and not yet sent: `pending[sent..]`. Empty, with no allocation, after each flush.
+    pending: Vec<u8>,
+    sent: usize,
 }
 
 impl ReplayIo {
+    /// Writes pass straight through: for a stream under TLS, whose own writes are records.
     pub fn new(inner: Stream) -> Self {
         Self {
             inner,
             ahead: Vec::new(),
             start: 0,
+            gather_writes: false,
+            pending: Vec::new(),
+            sent: 0,
         }
+    }
+
+    /// For the stream an HTTP session reads and writes: writes are gathered until flushed.
+    pub fn for_http(inner: Stream) -> Self {
+        Self {
+            gather_writes: true,
+            ..Self::new(inner)
+        }
+    }
+
+    fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.pending.len() {
+            let unsent = &self.pending[self.sent..];
+            let written = ready!(Pin::new(&mut *self.inner).poll_write(cx, unsent))?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += written;
+        }
+        self.pending = Vec::new();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
     }
 
     fn buffered(&self) -> &[u8] {
@@ -65,7 +110,11 @@ impl ReplayIo {
             self.start = 0;
         }
         while self.ahead.len() < wanted.min(READ_AHEAD) && !stop(&self.ahead) {
-            let room = READ_AHEAD - self.ahead.len();
+            let room = if self.ahead.is_empty() {
+                FIRST_READ
+            } else {
+                READ_AHEAD - self.ahead.len()
+            };
             self.ahead.reserve_exact(room);
             let mut spare = (&mut self.ahead).limit(room);
             let read = self.inner.read_buf(&mut spare).await?;
@@ -129,14 +178,30 @@ impl AsyncWrite for ReplayIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if !this.gather_writes {
+            return Pin::new(&mut *this.inner).poll_write(cx, buf);
+        }
+        if this.pending.len() + buf.len() > WRITE_GATHER {
+            ready!(this.poll_send_pending(cx))?;
+        }
+        if buf.len() >= WRITE_GATHER {
+            return Pin::new(&mut *this.inner).poll_write(cx, buf);
+        }
+        if this.pending.is_empty() {
+            this.pending.reserve_exact(WRITE_GATHER);
+        }
+        this.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_send_pending(cx))?;
         Pin::new(&mut *self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_send_pending(cx))?;
         Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 
@@ -145,11 +210,18 @@ impl AsyncWrite for ReplayIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
+        if !self.gather_writes {
+            return Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs);
+        }
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
+        self.poll_write(cx, first)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        !self.gather_writes && self.inner.is_write_vectored()
     }
 }
 
@@ -170,6 +242,8 @@ impl Peek for ReplayIo {
 #[async_trait]
 impl Shutdown for ReplayIo {
     async fn shutdown(&mut self) {
+        // What was gathered goes out before the close.
+        let _ = poll_fn(|cx| self.poll_send_pending(cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -266,6 +340,90 @@ mod tests {
         let mut buf = [0u8; 64];
         let read = io.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..read], b"GET /next HTTP/1.1\r\n\r\n");
+    }
+
+    /// A `ReplayIo` over one end of a real socket pair, and the other end.
+    fn socket_pair(for_http: bool) -> (ReplayIo, tokio::net::UnixStream) {
+        let (ours, peer) = tokio::net::UnixStream::pair().unwrap();
+        let inner: Stream = Box::new(ours);
+        let io = if for_http {
+            ReplayIo::for_http(inner)
+        } else {
+            ReplayIo::new(inner)
+        };
+        (io, peer)
+    }
+
+    async fn read_n(peer: &mut tokio::net::UnixStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        let read = tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got));
+        read.await.unwrap().unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn response_head_and_small_body_leave_together_on_flush() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = socket_pair(true);
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        io.write_all(b"ok").await.unwrap();
+        let mut probe = [0u8; 1];
+        let early = peer.try_read(&mut probe);
+        assert_eq!(early.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        io.flush().await.unwrap();
+        let all = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        assert_eq!(read_n(&mut peer, all.len()).await, all);
+        assert_eq!(io.pending.capacity(), 0, "flushed: no buffer kept");
+    }
+
+    #[tokio::test]
+    async fn a_long_write_goes_out_at_once_after_what_is_pending() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = socket_pair(true);
+        io.write_all(b"head").await.unwrap();
+        let long = vec![b'x'; WRITE_GATHER];
+        io.write_all(&long).await.unwrap();
+        // No flush: the peer still gets both, in order.
+        let got = read_n(&mut peer, 4 + long.len()).await;
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(&got[4..], &long[..]);
+    }
+
+    #[tokio::test]
+    async fn closing_sends_what_is_pending() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = socket_pair(true);
+        io.write_all(b"last words").await.unwrap();
+        Shutdown::shutdown(&mut io).await;
+        drop(io);
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"last words");
+    }
+
+    #[tokio::test]
+    async fn without_gathering_writes_pass_straight_through() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = socket_pair(false);
+        io.write_all(b"record").await.unwrap();
+        assert_eq!(read_n(&mut peer, 6).await, b"record");
+    }
+
+    #[tokio::test]
+    async fn a_request_head_longer_than_the_first_read_is_read_whole() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = socket_pair(true);
+        let head = format!("GET / HTTP/1.1\r\ncookie: {}\r\n\r\n", "c".repeat(2500));
+        peer.write_all(head.as_bytes()).await.unwrap();
+        let mut first = [0u8; 1];
+        assert!(io.try_peek(&mut first).await.unwrap());
+        assert_eq!(io.ahead.capacity(), FIRST_READ);
+        // One read of the session's size hands over the peeked part and the rest together.
+        let mut buf = vec![0u8; READ_AHEAD];
+        let read = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..read], head.as_bytes());
     }
 
     #[tokio::test]

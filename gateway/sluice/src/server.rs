@@ -7,14 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use log::info;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
-use pingora::services::listening::Service;
 use sluice_core::model::ListenerFamily;
 use sluice_core::snapshot::Snapshot;
 
+use crate::accept::AcceptService;
 use crate::admin::{load_or_create_token, AdminService};
 use crate::dns::DnsRefresher;
 use crate::lifecycle::{watch_phases, Signals};
@@ -97,19 +96,9 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
             family,
             series: live.metrics.listener(port),
         };
-        let mut service = Service::new(format!("listener :{port}"), app);
         let address = std::net::SocketAddr::new(settings.bind_address, port);
-        let mut endpoint = ListenerConfig::tcp(address.to_string());
-        if family == ListenerFamily::PlainHttp {
-            // No read buffer under Pingora's own on plaintext HTTP: requests are read straight into
-            // the HTTP session's buffer, and an idle keep-alive connection does not keep a 64 KiB
-            // buffer alive. Writes stay buffered so a response's header and body leave in one
-            // send. TLS and TCP ports keep Pingora's default: the ClientHello is peeked through it.
-            endpoint = endpoint.l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE));
-        }
-        service.add_listener(endpoint);
         info!("listening on {address} ({:?})", listener.spec.family);
-        server.add_service(service);
+        server.add_service(AcceptService::new(address, app));
     }
     if let Some(settings) = &settings.access_log {
         let (logger, writer) =
