@@ -24,9 +24,15 @@ use crate::listener::ListenerApp;
 /// The listen backlog Pingora uses too: bursts of new connections queue instead of being refused.
 const LISTEN_BACKLOG: u32 = 65535;
 
-/// How often, and how long apart, a port still held by an exiting process is tried again.
-const BIND_ATTEMPTS: u32 = 5;
+/// How long apart a port still held by another process is tried again.
 const BIND_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a fresh start keeps trying a port that is in use (a restart right after an exit).
+pub const BIND_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How long `sluice run --upgrade` keeps trying: a port the old process holds but did not hand
+/// over (its address changed, say) frees only once that process has drained and exited.
+pub const BIND_PATIENCE_UPGRADING: Duration = Duration::from_secs(120);
 
 /// One listener port as a Pingora service.
 pub struct AcceptService<A> {
@@ -36,15 +42,18 @@ pub struct AcceptService<A> {
     /// listeners write it, so an upgrade between versions finds it.
     upgrade_key: String,
     app: Arc<ListenerApp<A>>,
+    /// How long a port in use is tried again before giving up.
+    bind_patience: Duration,
 }
 
 impl<A> AcceptService<A> {
-    pub fn new(address: SocketAddr, app: ListenerApp<A>) -> Self {
+    pub fn new(address: SocketAddr, app: ListenerApp<A>, bind_patience: Duration) -> Self {
         Self {
             name: format!("listener :{}", address.port()),
             address,
             upgrade_key: address.to_string(),
             app: Arc::new(app),
+            bind_patience,
         }
     }
 
@@ -52,13 +61,15 @@ impl<A> AcceptService<A> {
     /// be passed on at the next upgrade).
     async fn listen(&self, fds: Option<ListenFds>) -> std::io::Result<Listener> {
         let Some(fds) = fds else {
-            return bind(self.address).await.map(Listener::from);
+            return bind(self.address, self.bind_patience)
+                .await
+                .map(Listener::from);
         };
         let inherited = fds.lock().get(&self.upgrade_key).copied();
         if let Some(fd) = inherited {
             return adopt(fd).map(Listener::from);
         }
-        let listener = bind(self.address).await?;
+        let listener = bind(self.address, self.bind_patience).await?;
         fds.lock()
             .add(self.upgrade_key.clone(), listener.as_raw_fd());
         Ok(Listener::from(listener))
@@ -75,10 +86,9 @@ fn adopt(fd: RawFd) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(socket)
 }
 
-/// Binds with `SO_REUSEADDR`, retrying for a few seconds while the port is still in use (a
-/// restart right after an exit).
-async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let mut attempt = 1;
+/// Binds with `SO_REUSEADDR`, trying again for up to `patience` while the port is in use.
+async fn bind(address: SocketAddr, patience: Duration) -> std::io::Result<tokio::net::TcpListener> {
+    let started = std::time::Instant::now();
     loop {
         let socket = match address {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -87,9 +97,8 @@ async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
         socket.set_reuseaddr(true)?;
         match socket.bind(address) {
             Ok(()) => return socket.listen(LISTEN_BACKLOG),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < BIND_ATTEMPTS => {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < patience => {
                 warn!("{address} is in use; trying again in {BIND_RETRY_AFTER:?}");
-                attempt += 1;
                 tokio::time::sleep(BIND_RETRY_AFTER).await;
             }
             Err(e) => return Err(e),

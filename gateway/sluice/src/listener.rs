@@ -1,9 +1,9 @@
-//! What happens on a listener port before HTTP: the PROXY header (where configured), then by the
-//! port's family — plaintext HTTP straight to the proxy; TLS: read the ClientHello, then pass the
-//! stream through untouched, or terminate it with the named server's settings, or refuse it with an
-//! alert; TCP: forward to the port's route.
+//! What happens on a connection `accept.rs` accepted, before HTTP: the PROXY header (where
+//! configured), then by the port's family — plaintext HTTP straight to the proxy; TLS: read the
+//! ClientHello, then pass the stream through untouched, or terminate it with the named server's
+//! settings, or refuse it with an alert; TCP: forward to the port's route.
 //!
-//! Sluice does the TLS handshake here rather than in Pingora's listener so that each Gateway server
+//! Sluice does the TLS handshake here rather than in a Pingora listener so that each Gateway server
 //! keeps its own versions, suites and client-certificate policy, and so that certificates and
 //! routes change with every config generation.
 //!

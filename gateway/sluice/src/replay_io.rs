@@ -57,6 +57,9 @@ pub struct ReplayIo {
     /// Written and not yet sent: `pending[sent..]`. Empty, with no allocation, after each flush.
     pending: Vec<u8>,
     sent: usize,
+    /// A read error met while handing over bytes read ahead: the kernel reports a reset only once,
+    /// so it is kept for the next read rather than read again as a clean end.
+    deferred_error: Option<std::io::Error>,
 }
 
 impl ReplayIo {
@@ -69,15 +72,15 @@ impl ReplayIo {
             gather_writes: false,
             pending: Vec::new(),
             sent: 0,
+            deferred_error: None,
         }
     }
 
     /// For the stream an HTTP session reads and writes: writes are gathered until flushed.
     pub fn for_http(inner: Stream) -> Self {
-        Self {
-            gather_writes: true,
-            ..Self::new(inner)
-        }
+        let mut io = Self::new(inner);
+        io.gather_writes = true;
+        io
     }
 
     fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -146,6 +149,9 @@ impl AsyncRead for ReplayIo {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         if this.ahead.is_empty() {
+            if let Some(error) = this.deferred_error.take() {
+                return Poll::Ready(Err(error));
+            }
             return Pin::new(&mut *this.inner).poll_read(cx, buf);
         }
         let replayed = this.buffered().len().min(buf.remaining());
@@ -165,7 +171,10 @@ impl AsyncRead for ReplayIo {
             match Pin::new(&mut *this.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
                 // Reported by the next read, after the bytes already handed out.
-                Poll::Ready(Err(_)) => buf.set_filled(before),
+                Poll::Ready(Err(error)) => {
+                    buf.set_filled(before);
+                    this.deferred_error = Some(error);
+                }
             }
         }
         Poll::Ready(Ok(()))
@@ -222,6 +231,18 @@ impl AsyncWrite for ReplayIo {
 
     fn is_write_vectored(&self) -> bool {
         !self.gather_writes && self.inner.is_write_vectored()
+    }
+}
+
+/// A session dropped without a flush (Pingora gives up on a response whose upstream failed
+/// mid-body) still sends what it wrote, as far as the socket takes it now: the client gets the
+/// partial response rather than nothing. Pingora's own L4 stream does the same when dropped.
+impl Drop for ReplayIo {
+    fn drop(&mut self) {
+        if self.sent < self.pending.len() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let _ = self.poll_send_pending(&mut cx);
+        }
     }
 }
 
@@ -401,6 +422,19 @@ mod tests {
         let mut all = Vec::new();
         peer.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"last words");
+    }
+
+    #[tokio::test]
+    async fn dropped_without_a_flush_it_still_sends_what_was_written() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = socket_pair(true);
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\npart")
+            .await
+            .unwrap();
+        drop(io);
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\npart");
     }
 
     #[tokio::test]

@@ -72,6 +72,11 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let bind_patience = if startup.upgrade {
+        crate::accept::BIND_PATIENCE_UPGRADING
+    } else {
+        crate::accept::BIND_PATIENCE
+    };
     let generation = live.current();
     for listener in generation.snapshot.listeners() {
         let port = listener.spec.port;
@@ -98,7 +103,7 @@ pub fn run(startup: Startup) -> anyhow::Result<()> {
         };
         let address = std::net::SocketAddr::new(settings.bind_address, port);
         info!("listening on {address} ({:?})", listener.spec.family);
-        server.add_service(AcceptService::new(address, app));
+        server.add_service(AcceptService::new(address, app, bind_patience));
     }
     if let Some(settings) = &settings.access_log {
         let (logger, writer) =
