@@ -287,13 +287,16 @@ per_request() { awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN { if (n>0) printf "%.
 load() {
   local url=$1; shift
   local summary
-  # h2load appends to its log file: each run starts a new one.
-  rm -f "$work/latency.log"
-  summary=$($load h2load "$@" -D $seconds --log-file="$work/latency.log" "$url" 2>/dev/null | awk '
+  # h2load appends to its log file: each run starts a new one. The log has its own directory: Sluice
+  # watches the directory of its config, and a file written on every request there would add the
+  # watcher's work to Sluice's CPU (a deployment keeps its config directory for config).
+  mkdir -p "$work/load"
+  rm -f "$work/load/latency.log"
+  summary=$($load h2load "$@" -D $seconds --log-file="$work/load/latency.log" "$url" 2>/dev/null | awk '
     /^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") rps=$(i-1) }
     /^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") ok=$(i-1) }
     END { print ok+0, rps+0 }')
-  echo "$summary $(percentiles "$work/latency.log")"
+  echo "$summary $(percentiles "$work/load/latency.log")"
 }
 
 declare -A cpu rps p50 p99 p999

@@ -139,6 +139,29 @@ async fn in_place_edits_and_sighup_reload() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn busy_files_beside_the_config_do_not_reload_it() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let port = free_port();
+    let gw = TestGateway::start(&direct(port, "one"), &[port])?;
+    // A log appended to on every request, and an editor's swap file: neither is config.
+    let mut log = std::fs::File::create(gw.dir.path().join("requests.log"))?;
+    for i in 0..2_000 {
+        std::io::Write::write_all(&mut log, format!("request {i}\n").as_bytes())?;
+    }
+    drop(log);
+    std::fs::write(gw.dir.path().join(".config.yaml.swp"), "swap")?;
+    // Longer than a reload takes to start after the last event of a burst.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gw.status().await?["generation"], 1, "{}", gw.log());
+    // The watch still sees the config itself.
+    gw.write_config(&direct(port, "two"))?;
+    gw.wait_for_status(Duration::from_secs(10), |s| s["generation"] == 2)
+        .await?;
+    assert_eq!(body(port).await?, "two");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_new_listener_port_is_reported_as_needing_a_restart() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let port = free_port();

@@ -287,12 +287,15 @@ struct FileWatch {
 impl ReloadService {
     pub fn new(reloader: Arc<Reloader>) -> Self {
         let (tx, events) = tokio::sync::mpsc::unbounded_channel::<FileEvent>();
+        let paths = reloader.paths.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             let Some(step) = WriteStep::of(&event.kind) else {
                 return;
             };
-            for path in event.paths {
+            // Filtered here, on notify's own thread: a busy file beside the config (a log written
+            // on every request) must not wake the reloader's runtime for each write.
+            for path in event.paths.into_iter().filter(|p| relevant(p, &paths)) {
                 let _ = tx.send(FileEvent { path, step });
             }
         });
@@ -350,7 +353,6 @@ impl BackgroundService for ReloadService {
         else {
             return;
         };
-        let paths = self.reloader.paths.clone();
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),
@@ -373,10 +375,7 @@ impl BackgroundService for ReloadService {
                     self.run_reload("SIGHUP", true).await;
                 }
                 Some(first) = rx.recv() => {
-                    if !relevant(&first.path, &paths) {
-                        continue;
-                    }
-                    let certificate = settle(first, &mut rx, &paths).await;
+                    let certificate = settle(first, &mut rx).await;
                     let trigger = if certificate { "certificate change" } else { "file change" };
                     self.run_reload(trigger, certificate).await;
                 }
@@ -417,12 +416,10 @@ impl WriteStep {
 /// Gathers the rest of a burst of file events, starting with `first`: returns once every file
 /// written has been completed and nothing relevant came for [`SETTLE_COMPLETE`], or nothing came
 /// for [`DEBOUNCE`] (a writer that never closes, an event source without close events), or
-/// [`MAX_DELAY`] has passed. Irrelevant events (a log file in the same directory) neither delay nor
-/// trigger it. Returns whether a certificate file was among the events.
+/// [`MAX_DELAY`] has passed. Returns whether a certificate file was among the events.
 async fn settle(
     first: FileEvent,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<FileEvent>,
-    paths: &[PathBuf],
 ) -> bool {
     let deadline = tokio::time::Instant::now() + MAX_DELAY;
     let mut writing: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
@@ -440,18 +437,13 @@ async fn settle(
             DEBOUNCE
         };
         let quiet_until = (tokio::time::Instant::now() + quiet).min(deadline);
-        loop {
-            tokio::select! {
-                next = rx.recv() => match next {
-                    Some(next) if relevant(&next.path, paths) => {
-                        event = next;
-                        break;
-                    }
-                    Some(_) => {}
-                    None => return certificate,
-                },
-                _ = tokio::time::sleep_until(quiet_until) => return certificate,
-            }
+        let next = tokio::select! {
+            next = rx.recv() => next,
+            _ = tokio::time::sleep_until(quiet_until) => None,
+        };
+        match next {
+            Some(next) => event = next,
+            None => return certificate,
         }
     }
 }
