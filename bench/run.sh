@@ -283,16 +283,18 @@ rss_kib() { local t=0; for pid in $(pids "$1"); do t=$((t + $(awk '/VmRSS/ {prin
 hz=$(getconf CLK_TCK)
 per_request() { awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN { if (n>0) printf "%.2f", t/hz*1e6/n; else print "nan" }'; }
 
-# load URL [h2load options…]: "requests-succeeded requests/s p50 p99 p99.9" (latencies in ms).
+# load URL [h2load options…]: "requests-succeeded requests/s p50 p99 p99.9" (latencies in ms). Runs
+# for $seconds unless the options give a request count (-n).
 load() {
   local url=$1; shift
-  local summary
+  local summary length=(-D "$seconds")
+  [[ " $* " == *" -n "* ]] && length=()
   # h2load appends to its log file: each run starts a new one. The log has its own directory: Sluice
   # watches the directory of its config, and a file written on every request there would add the
   # watcher's work to Sluice's CPU (a deployment keeps its config directory for config).
   mkdir -p "$work/load"
   rm -f "$work/load/latency.log"
-  summary=$($load h2load "$@" -D $seconds --log-file="$work/load/latency.log" "$url" 2>/dev/null | awk '
+  summary=$($load h2load "$@" "${length[@]}" --log-file="$work/load/latency.log" "$url" 2>/dev/null | awk '
     /^finished in/ { gsub(/,/, ""); for (i=1;i<=NF;i++) if ($i=="req/s") rps=$(i-1) }
     /^requests:/ { for (i=1;i<=NF;i++) if ($i=="succeeded,") ok=$(i-1) }
     END { print ok+0, rps+0 }')
@@ -343,11 +345,13 @@ spread_load() {
   record "$key" "$proxy" $((after - before)) "${ok:-0}" "$(awk -v n="${ok:-0}" -v s=$seconds 'BEGIN { printf "%.0f", n/s }')"
 }
 
-# at_rate PROXY URL: h2load at $rate requests/s over 64 connections; latency percentiles only.
+# at_rate PROXY URL: h2load at $rate requests/s over 64 connections; latency percentiles only. The
+# connections start 1 ms apart: h2load paces each connection by its own timer, and 64 timers started
+# together send 64 requests at once, so the latency measured would be the wait behind that burst.
 at_rate() {
   local proxy=$1 url=$2 ok r a b c
   $load h2load --h1 -c 64 -m 1 -D 1 "$url" >/dev/null 2>&1 || true
-  read -r ok r a b c <<<"$(load "$url" --h1 -c 64 -m 1 --rps=$(( (rate + 63) / 64 )))"
+  read -r ok r a b c <<<"$(load "$url" --h1 -c 64 -m 1 -r 1 --rate-period=1ms -n $((rate * seconds)) --rps=$(( (rate + 63) / 64 )))"
   record rate "$proxy" 0 "$ok" "$r" "$a" "$b" "$c"
 }
 
@@ -364,16 +368,23 @@ want hosts && { keys+=(hosts-1 hosts-10k); members[hosts-1]="${hosts_proxies[*]}
 
 # Memory per idle keep-alive connection: RSS (all the proxy's processes) with IDLE connections open,
 # each having served one request, minus RSS before, divided by IDLE. Once per proxy (RSS does not
-# need rounds); the connections are plain HTTP/1.1.
-idle=8000
-declare -A per_connection
+# need rounds): plain HTTP/1.1, then, with those still open, IDLE_TLS TLS 1.3 (HTTP/1.1) connections
+# where the proxy has a TLS port (fewer: HAProxy's maxconn follows the descriptor limit, 20,000 here).
+idle=8000 idle_tls=1000
+declare -A per_connection per_tls_connection
 if want idle; then
   for proxy in "${proxies[@]}"; do
     before=$(rss_kib "$proxy")
-    coproc holder { $load python3 bench/idle.py "${plain[$proxy]}" $idle; }
+    coproc holder { $load python3 bench/idle.py $idle "${plain[$proxy]}" ${tls[$proxy]:+$idle_tls ${tls[$proxy]}}; }
     read -r -t 120 ready count <&"${holder[0]}" || { echo "$proxy: idle connections not ready" >&2; exit 1; }
     after=$(rss_kib "$proxy")
     per_connection[$proxy]=$(awk -v a="$after" -v b="$before" -v n="$count" 'BEGIN { printf "%.1f", (a-b)/n }')
+    if [[ -n ${tls[$proxy]:-} ]]; then
+      echo >&"${holder[1]}"
+      read -r -t 120 ready count <&"${holder[0]}" || { echo "$proxy: idle TLS connections not ready" >&2; exit 1; }
+      with_tls=$(rss_kib "$proxy")
+      per_tls_connection[$proxy]=$(awk -v a="$with_tls" -v b="$after" -v n="$count" 'BEGIN { printf "%.1f", (a-b)/n }')
+    fi
     exec {holder[1]}>&-
     wait "$holder_PID" 2>/dev/null || true
     echo "idle: $proxy done" >&2
@@ -477,8 +488,8 @@ if want split; then
 fi
 if want idle; then
   echo
-  printf '%-10s %-8s %20s\n' scenario proxy "KiB per idle conn"
-  for proxy in "${proxies[@]}"; do printf '%-10s %-8s %20s\n' idle "$proxy" "${per_connection[$proxy]}"; done
+  printf '%-10s %-8s %20s %12s\n' scenario proxy "KiB per idle conn" "over TLS"
+  for proxy in "${proxies[@]}"; do printf '%-10s %-8s %20s %12s\n' idle "$proxy" "${per_connection[$proxy]}" "${per_tls_connection[$proxy]:--}"; done
   echo "idle       sluice demo (built-in config), RSS at idle: $(awk -v k="$demo_rss" 'BEGIN { printf "%.1f", k/1024 }') MiB (target < 30)"
 fi
 if want reload; then
