@@ -41,7 +41,7 @@ seconds=5
 # so CI holds what Sluice itself controls (its cost over bare Pingora) and a ceiling against nginx.
 gate_vs_pingora=${GATE_VS_PINGORA:-1.3}
 gate_vs_nginx=${GATE_VS_NGINX:-3.5}
-# The fixed rate for scenario (g): about half of Caddy's saturation here, the slowest peer.
+# The fixed rate for scenario (g): well below the saturation of Caddy, the slowest peer (~13,000/s here).
 rate=${RATE:-5000}
 # HAProxy sizes its connection table from the descriptor limit; the idle-connection scenarios need many.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

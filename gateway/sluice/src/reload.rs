@@ -414,7 +414,7 @@ impl WriteStep {
 }
 
 /// Gathers the rest of a burst of file events, starting with `first`: returns once every file
-/// written has been completed and nothing relevant came for [`SETTLE_COMPLETE`], or nothing came
+/// written has been completed and nothing more came for [`SETTLE_COMPLETE`], or nothing came
 /// for [`DEBOUNCE`] (a writer that never closes, an event source without close events), or
 /// [`MAX_DELAY`] has passed. Returns whether a certificate file was among the events.
 async fn settle(
