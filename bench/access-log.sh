@@ -14,6 +14,8 @@ rounds=${1:-3}
 
 source bench/lib.sh
 
+# The access logs get their own directory: Sluice watches the directory of its config.
+mkdir -p "$work/logs"
 upstream=18411 nginx_off=18412 nginx_on=18413 sluice_off=18414 sluice_json=18415 sluice_format=18416
 start_upstream $upstream
 nginx_server() { # PORT ACCESS-LOG-DIRECTIVE
@@ -22,7 +24,7 @@ nginx_server() { # PORT ACCESS-LOG-DIRECTIVE
 }
 start_nginx nginx "  upstream app { server 127.0.0.1:$upstream; keepalive 64; }
 $(nginx_server $nginx_off 'access_log off;')
-$(nginx_server $nginx_on "access_log $work/nginx-access.log combined buffer=64k flush=1s;")"
+$(nginx_server $nginx_on "access_log $work/logs/nginx-access.log combined buffer=64k flush=1s;")"
 
 # sluice_config PORT ADMIN-PORT ACCESS-LOG-YAML
 sluice_config() {
@@ -34,9 +36,9 @@ EOF
   sluice_app_routes $upstream
 }
 sluice_config $sluice_off 18424 "" > "$work/off.yaml"
-sluice_config $sluice_json 18425 "  accessLog: {path: $work/sluice-json.log}" > "$work/json.yaml"
+sluice_config $sluice_json 18425 "  accessLog: {path: $work/logs/sluice-json.log}" > "$work/json.yaml"
 sluice_config $sluice_format 18426 "  accessLog:
-    path: $work/sluice-format.log
+    path: $work/logs/sluice-format.log
     format: '%START_TIME% %CLIENT_ADDRESS% \"%METHOD% %PATH% %PROTOCOL%\" %STATUS% %RESPONSE_FLAGS% %DURATION%ms'" \
   > "$work/format.yaml"
 for setup in off json format; do
@@ -61,5 +63,5 @@ for setup in "${setups[@]}"; do
 done
 dropped=$(curl -s http://127.0.0.1:18425/metrics | awk '/^sluice_access_log_dropped_total/ { print $2 }')
 echo
-echo "JSON log: $(wc -l < "$work/sluice-json.log") lines, ${dropped:-?} dropped (sluice_access_log_dropped_total)"
+echo "JSON log: $(wc -l < "$work/logs/sluice-json.log") lines, ${dropped:-?} dropped (sluice_access_log_dropped_total)"
 echo "machine: $(nproc) cores, $(uname -r); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'); pinned: ${load:-no}"

@@ -152,6 +152,16 @@ async fn busy_files_beside_the_config_do_not_reload_it() -> anyhow::Result<()> {
     std::fs::write(gw.dir.path().join(".config.yaml.swp"), "swap")?;
     // Longer than a reload takes to start after the last event of a burst.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let unchanged = "config reload (file change): the files are unchanged";
+    assert!(!gw.log().contains(unchanged), "{}", gw.log());
+    // A YAML file beside it is looked at (it could be config), found to change nothing, and
+    // logged: the absence above is not just a slow watcher.
+    std::fs::write(gw.dir.path().join("notes.yaml"), "# not part of --config\n")?;
+    let start = std::time::Instant::now();
+    while !gw.log().contains(unchanged) {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(gw.status().await?["generation"], 1, "{}", gw.log());
     // The watch still sees the config itself.
     gw.write_config(&direct(port, "two"))?;

@@ -137,6 +137,7 @@ impl Reloader {
             std::mem::replace(&mut last.fingerprint, loaded.fingerprint) == loaded.fingerprint;
         let serving = self.live.current().number;
         if unchanged && !force {
+            info!("config reload ({trigger}): the files are unchanged");
             return Ok(serving);
         }
         let diagnostics = loaded.diagnostics.clone().into_sorted();
@@ -241,32 +242,58 @@ fn watch_dirs(paths: &[PathBuf], certs_dir: &Path, certificates: &[PathBuf]) -> 
     dirs
 }
 
-/// Whether a file event is a certificate or key changing (not covered by the config fingerprint, so
-/// the reload it triggers is forced).
-fn is_certificate(event_path: &Path) -> bool {
-    let in_secret = event_path.components().any(|c| c.as_os_str() == "..data");
-    in_secret
-        || matches!(
-            event_path.extension().and_then(|e| e.to_str()),
-            Some("crt" | "key" | "pem" | "cert")
-        )
+/// What the file watcher reacts to. Decided on notify's own thread, so a busy file beside the
+/// config (a log written on every request) never wakes the reloader.
+struct WatchedFiles {
+    /// The `--config` paths, as given and as absolute paths (notify reports absolute ones).
+    config: Vec<PathBuf>,
+    /// The certificate and key files the config names, in the same two forms.
+    certificates: Vec<PathBuf>,
 }
 
-/// Whether a file event can change the config: a YAML file, a watched file, a certificate, or a
-/// ConfigMap's `..data` swap. Editor swap files and the like are ignored.
-fn relevant(event_path: &Path, paths: &[PathBuf]) -> bool {
-    if is_certificate(event_path) {
-        return true;
+impl WatchedFiles {
+    fn new(config: &[PathBuf], certificates: &[PathBuf]) -> Self {
+        let both_forms = |paths: &[PathBuf]| {
+            paths
+                .iter()
+                .flat_map(|p| {
+                    [
+                        p.clone(),
+                        std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+                    ]
+                })
+                .collect()
+        };
+        Self {
+            config: both_forms(config),
+            certificates: both_forms(certificates),
+        }
     }
-    let name = event_path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("");
-    let yaml = matches!(
-        event_path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    ) && !name.starts_with('.');
-    yaml || name == "..data" || paths.iter().any(|p| p == event_path)
+
+    /// Whether a change to `path` is a certificate or key changing: not covered by the config
+    /// fingerprint, so the reload it triggers is forced.
+    fn is_certificate(&self, path: &Path) -> bool {
+        let in_secret = path.components().any(|c| c.as_os_str() == "..data");
+        in_secret
+            || matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("crt" | "key" | "pem" | "cert")
+            )
+            || self.certificates.iter().any(|c| c == path)
+    }
+
+    /// Whether a change to `path` can change the config: a YAML file, a `--config` file, a
+    /// certificate, or a ConfigMap's `..data` swap. Editor swap files and the like are ignored.
+    fn is_relevant(&self, path: &Path) -> bool {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) && !name.starts_with('.');
+        yaml || name == "..data"
+            || self.config.iter().any(|p| p == path)
+            || self.is_certificate(path)
+    }
 }
 
 /// Watches the config (and certificate) directories and reloads after each burst of changes;
@@ -286,19 +313,6 @@ struct FileWatch {
 
 impl ReloadService {
     pub fn new(reloader: Arc<Reloader>) -> Self {
-        let (tx, events) = tokio::sync::mpsc::unbounded_channel::<FileEvent>();
-        let paths = reloader.paths.clone();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            let Some(step) = WriteStep::of(&event.kind) else {
-                return;
-            };
-            // Filtered here, on notify's own thread: a busy file beside the config (a log written
-            // on every request) must not wake the reloader's runtime for each write.
-            for path in event.paths.into_iter().filter(|p| relevant(p, &paths)) {
-                let _ = tx.send(FileEvent { path, step });
-            }
-        });
         let generation = reloader.live.current();
         let certs_dir = generation.snapshot.settings.certs_dir.clone();
         let certificates: Vec<PathBuf> = generation
@@ -308,6 +322,29 @@ impl ReloadService {
             .flat_map(|server| crate::tls::credential_files(server, &certs_dir))
             .collect();
         drop(generation);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel::<FileEvent>();
+        let watched = WatchedFiles::new(&reloader.paths, &certificates);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if event.need_rescan() {
+                // The kernel dropped events (its queue overflowed): any file may have changed.
+                let _ = tx.send(FileEvent {
+                    path: PathBuf::new(),
+                    step: WriteStep::Done,
+                    force: true,
+                });
+                return;
+            }
+            let Some(step) = WriteStep::of(&event.kind) else {
+                return;
+            };
+            for path in event.paths {
+                if watched.is_relevant(&path) {
+                    let force = watched.is_certificate(&path);
+                    let _ = tx.send(FileEvent { path, step, force });
+                }
+            }
+        });
         let watcher = match watcher {
             Ok(mut watcher) => {
                 for dir in watch_dirs(&reloader.paths, &certs_dir, &certificates) {
@@ -375,9 +412,9 @@ impl BackgroundService for ReloadService {
                     self.run_reload("SIGHUP", true).await;
                 }
                 Some(first) = rx.recv() => {
-                    let certificate = settle(first, &mut rx).await;
-                    let trigger = if certificate { "certificate change" } else { "file change" };
-                    self.run_reload(trigger, certificate).await;
+                    let force = settle(first, &mut rx).await;
+                    let trigger = if force { "certificate change" } else { "file change" };
+                    self.run_reload(trigger, force).await;
                 }
             }
         }
@@ -389,6 +426,9 @@ impl BackgroundService for ReloadService {
 struct FileEvent {
     path: PathBuf,
     step: WriteStep,
+    /// The reload must run even if the config text is unchanged: a certificate changed, or events
+    /// were lost.
+    force: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,17 +456,17 @@ impl WriteStep {
 /// Gathers the rest of a burst of file events, starting with `first`: returns once every file
 /// written has been completed and nothing more came for [`SETTLE_COMPLETE`], or nothing came
 /// for [`DEBOUNCE`] (a writer that never closes, an event source without close events), or
-/// [`MAX_DELAY`] has passed. Returns whether a certificate file was among the events.
+/// [`MAX_DELAY`] has passed. Returns whether any of the events forces the reload.
 async fn settle(
     first: FileEvent,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<FileEvent>,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + MAX_DELAY;
     let mut writing: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
-    let mut certificate = false;
+    let mut force = false;
     let mut event = first;
     loop {
-        certificate |= is_certificate(&event.path);
+        force |= event.force;
         match event.step {
             WriteStep::Writing => writing.insert(event.path),
             WriteStep::Done => writing.remove(&event.path),
@@ -443,7 +483,7 @@ async fn settle(
         };
         match next {
             Some(next) => event = next,
-            None => return certificate,
+            None => return force,
         }
     }
 }
@@ -453,5 +493,36 @@ impl ReloadService {
         let reloader = self.reloader.clone();
         // Parsing a large config is CPU work: keep it off the async worker.
         let _ = tokio::task::spawn_blocking(move || reloader.reload(trigger, force)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watcher_keeps_config_and_certificates_and_drops_the_rest() {
+        let watched = WatchedFiles::new(
+            &[PathBuf::from("gateway.conf")],
+            &[PathBuf::from("/etc/tls/site.cer")],
+        );
+        let cwd = std::env::current_dir().unwrap_or_default();
+        // notify reports absolute paths, also for a config given relative (and watched as `.`).
+        assert!(watched.is_relevant(&cwd.join(".").join("gateway.conf")));
+        assert!(watched.is_relevant(&cwd.join("routes.yaml")));
+        assert!(watched.is_relevant(Path::new("/etc/sluice/..data")));
+        // A certificate the config names, whatever its extension, forces the reload.
+        assert!(watched.is_relevant(Path::new("/etc/tls/site.cer")));
+        assert!(watched.is_certificate(Path::new("/etc/tls/site.cer")));
+        assert!(watched.is_certificate(Path::new("/certs/example/tls.key")));
+        assert!(!watched.is_certificate(&cwd.join("routes.yaml")));
+        for ignored in [
+            "requests.log",
+            ".gateway.yaml.swp",
+            ".routes.yaml",
+            "other.conf",
+        ] {
+            assert!(!watched.is_relevant(&cwd.join(ignored)), "{ignored}");
+        }
     }
 }
