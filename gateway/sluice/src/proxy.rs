@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -30,6 +30,12 @@ pub struct GatewayProxy {
     /// The listener terminates TLS: the scheme is https.
     pub tls: bool,
 }
+
+// Names Sluice reads on every request, parsed once. Inserts still pass `&'static str`: Pingora
+// parses the name again either way, and a `HeaderName` would cost it a copy of the name.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Longest client-supplied value put in a span tag (Envoy's default `max_path_tag_length`).
 const MAX_TAG_LENGTH: usize = 256;
@@ -99,7 +105,7 @@ async fn respond(
     if let Some((name, value)) = extra {
         resp.insert_header(name, value)?;
     }
-    if let Some(id) = session.req_header().headers.get("x-request-id").cloned() {
+    if let Some(id) = session.req_header().headers.get(X_REQUEST_ID).cloned() {
         resp.insert_header("x-request-id", id)?;
     }
     if let Some(rules) = rules {
@@ -190,7 +196,7 @@ fn apply_ops(headers: &mut impl EditHeaders, ops: &HeaderOps) -> Result<()> {
 /// Keeps the client's `x-request-id`, or sets a new random (version 4) UUID, as Envoy does, so a
 /// request can be followed through logs and upstreams.
 fn ensure_request_id(req: &mut RequestHeader) -> Result<Option<HeaderValue>> {
-    if let Some(id) = req.headers.get("x-request-id").filter(|v| !v.is_empty()) {
+    if let Some(id) = req.headers.get(X_REQUEST_ID).filter(|v| !v.is_empty()) {
         return Ok(Some(id.clone()));
     }
     let value = HeaderValue::from_bytes(&uuid_v4(fastrand::u128(..)))
@@ -283,6 +289,36 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
+}
+
+/// An address as a header value. IPv4 is written digit by digit: this runs for every proxied
+/// request, and `Display` costs several times more.
+fn address_value(ip: IpAddr) -> Result<HeaderValue> {
+    let value = match ip {
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            HeaderValue::from_bytes(&text[..len])
+        }
+        IpAddr::V6(v6) => HeaderValue::from_str(&v6.to_string()),
+    };
+    value.map_err(|_| fail("address", 500))
 }
 
 fn fail(failure: &'static str, status: u16) -> Box<Error> {
@@ -441,7 +477,11 @@ impl GatewayProxy {
             .and_then(|s| s.identity.as_ref())
             .map(|identity| identity.xfcc.clone());
         let req = session.req_header_mut();
-        req.remove_header("x-forwarded-client-cert");
+        // Looked up first: removing a header that is not there still hashes it in both of
+        // Pingora's maps, and almost no request carries one.
+        if req.headers.contains_key(X_FORWARDED_CLIENT_CERT) {
+            req.remove_header(&X_FORWARDED_CLIENT_CERT);
+        }
         if let Some(xfcc) = identity {
             req.insert_header("x-forwarded-client-cert", xfcc)?;
         }
@@ -456,6 +496,11 @@ impl ProxyHttp for GatewayProxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx::default()
     }
+
+    /// None: Pingora's default adds a response-compression module, disabled, that still builds
+    /// its state and runs its filters on every request. Sluice does not compress, as Istio's
+    /// gateways do not unless configured to.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx._in_flight = Some(self.live.request_started());
@@ -617,7 +662,7 @@ impl ProxyHttp for GatewayProxy {
         if let Some(ip) = client_ip(session) {
             // Every X-Forwarded-For line the client sent, in order, then the address Sluice saw.
             let mut sent = String::new();
-            for value in upstream_request.headers.get_all("x-forwarded-for") {
+            for value in upstream_request.headers.get_all(X_FORWARDED_FOR) {
                 if !sent.is_empty() {
                     sent.push_str(", ");
                 }
@@ -629,12 +674,11 @@ impl ProxyHttp for GatewayProxy {
                 .map_or(0, |g| g.snapshot.settings.num_trusted_proxies);
             let external = trusted_client(&sent, trusted_hops).unwrap_or(ip);
             // The usual case, a client without X-Forwarded-For, formats its address once for both.
-            let client =
-                HeaderValue::from_str(&ip.to_string()).map_err(|_| fail("address", 500))?;
+            let client = address_value(ip)?;
             let external = if external == ip {
                 client.clone()
             } else {
-                HeaderValue::from_str(&external.to_string()).map_err(|_| fail("address", 500))?
+                address_value(external)?
             };
             let forwarded = if sent.is_empty() {
                 client
@@ -854,6 +898,25 @@ impl ProxyHttp for GatewayProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.9",
+            "127.0.0.1",
+            "192.168.20.255",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.1.2.3",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let value = address_value(ip).unwrap();
+            assert_eq!(value.to_str().unwrap(), ip.to_string(), "{text}");
+        }
+    }
 
     #[test]
     fn request_ids_are_version_4_uuids() {
