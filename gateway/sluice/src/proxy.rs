@@ -577,8 +577,14 @@ impl ProxyHttp for GatewayProxy {
             RouteLookup::Found { route, matched } => {
                 ctx.route = Some(route.clone());
                 ctx.matched = matched;
-                match &route.def.action {
-                    Action::Redirect(redirect) => {
+                // A forwarding route is the usual case: known without reading its definition.
+                let answers = (!route.forwards()).then_some(&route.def.action);
+                match answers {
+                    None | Some(Action::Forward(_)) => {
+                        ctx.target = route.targets.pick();
+                        None
+                    }
+                    Some(Action::Redirect(redirect)) => {
                         let location = redirect_location(redirect, &info);
                         let value = HeaderValue::from_str(&location).map_err(|_| {
                             Error::explain(
@@ -588,22 +594,18 @@ impl ProxyHttp for GatewayProxy {
                         })?;
                         Some((redirect.code, Some((header::LOCATION, value)), Bytes::new()))
                     }
-                    Action::Respond(direct) => Some((
+                    Some(Action::Respond(direct)) => Some((
                         direct.status,
                         None,
                         Bytes::copy_from_slice(direct.body.as_bytes()),
                     )),
-                    Action::Forward(_) => {
-                        ctx.target = route.targets.pick();
-                        None
-                    }
                 }
             }
         };
         ctx.generation = Some(generation);
         match answer {
             Some((status, extra, body)) => {
-                let rules = ctx.route.as_ref().map(|r| &r.def.headers.response);
+                let rules = ctx.route.as_ref().and_then(|r| r.response_headers());
                 respond(session, status, extra, body, rules, &self.live).await?;
                 Ok(true)
             }
@@ -713,10 +715,11 @@ impl ProxyHttp for GatewayProxy {
                 upstream_request.insert_header(header::HOST, authority)?;
             }
         }
-        let Some(route) = ctx.route.clone() else {
+        let Some(route) = ctx.route.as_ref() else {
             return Ok(());
         };
-        if let Some(uri_rewrite) = &route.def.rewrite.uri {
+        let rewrite = route.rewrite();
+        if let Some(uri_rewrite) = rewrite.and_then(|r| r.uri.as_ref()) {
             let path = rewrite_path(
                 uri_rewrite,
                 upstream_request.uri.path(),
@@ -737,13 +740,15 @@ impl ProxyHttp for GatewayProxy {
                 }
             }
         }
-        if let Some(authority) = &route.def.rewrite.authority {
+        if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref()) {
             upstream_request.insert_header(header::HOST, authority.as_str())?;
         }
         if let Some(target) = ctx.target() {
             apply_ops(upstream_request, &target.headers.request)?;
         }
-        apply_ops(upstream_request, &route.def.headers.request)?;
+        if let Some(rules) = route.request_headers() {
+            apply_ops(upstream_request, rules)?;
+        }
         Ok(())
     }
 
@@ -760,8 +765,8 @@ impl ProxyHttp for GatewayProxy {
         if let Some(target) = ctx.target() {
             apply_ops(upstream_response, &target.headers.response)?;
         }
-        if let Some(route) = &ctx.route {
-            apply_ops(upstream_response, &route.def.headers.response)?;
+        if let Some(rules) = ctx.route.as_ref().and_then(|r| r.response_headers()) {
+            apply_ops(upstream_response, rules)?;
         }
         Ok(())
     }

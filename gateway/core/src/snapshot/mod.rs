@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use crate::identity::{address_of, ByAddress};
 use crate::model::{
-    upstream_tls_for, Action, Binding, EndpointAddress, Gateway, HeaderRules, HostPattern,
-    HttpRoute, ListenerFamily, Model, RouteDestination, RouteMatch, Server, ServerTls, ServiceKey,
-    Settings, StrMatch, TlsMode, UpstreamProtocol, UpstreamTls,
+    upstream_tls_for, Action, Binding, EndpointAddress, Gateway, HeaderOps, HeaderRules,
+    HostPattern, HttpRoute, ListenerFamily, Model, Rewrite, RouteDestination, RouteMatch, Server,
+    ServerTls, ServiceKey, Settings, StrMatch, TlsMode, UpstreamProtocol, UpstreamTls,
 };
 use crate::validate::labels_match;
 pub use hosts::{host_of_authority, HostTable};
@@ -131,24 +131,96 @@ pub struct Route {
     /// Worked out once with the route: a reused route is copied into its virtual host's
     /// `path_guards` without reading its definition again.
     path_guard: PathGuard,
+    /// Which parts of `def` a request needs, worked out once too: a route that only forwards
+    /// reads nothing of its definition per request (in a large config, each part read is a cache
+    /// miss). See the accessors on `Route`.
+    uses: Uses,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Uses {
+    forward: bool,
+    rewrite: bool,
+    request_headers: bool,
+    response_headers: bool,
+}
+
+impl Uses {
+    fn of(route: &HttpRoute) -> Self {
+        Uses {
+            forward: matches!(route.action, Action::Forward(_)),
+            rewrite: route.rewrite.uri.is_some() || route.rewrite.authority.is_some(),
+            request_headers: !route.headers.request.is_empty(),
+            response_headers: !route.headers.response.is_empty(),
+        }
+    }
 }
 
 /// The first bytes every path a route matches starts with (the common head of its `match` blocks'
 /// case-sensitive `uri` exact or prefix values, at most 15 bytes): a necessary condition, checked
 /// before the route itself. Empty when some block does not constrain the path that way.
+///
+/// Often it is the route's whole condition too (no `match`, or one block that is a short uri
+/// prefix or exact value and nothing else): then the guard decides, and a request finds its route
+/// without reading the route's definition, which in a large config is several cache misses.
 #[derive(Debug, Clone, Copy)]
 struct PathGuard {
     head: [u8; 15],
     len: u8,
+    decides: Decides,
+}
+
+/// What passing a [`PathGuard`] means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decides {
+    /// Only that the route may match: its `match` blocks must be checked.
+    Nothing,
+    /// The route matches (it has no `match` blocks).
+    Always,
+    /// Its one `match` block matches (a uri prefix, the guard's head).
+    Prefix,
+    /// Its one `match` block matches if the path is exactly the guard's head.
+    Exact,
+}
+
+/// A path checked against a [`PathGuard`].
+#[derive(Debug, PartialEq, Eq)]
+enum Guarded {
+    Rejected,
+    /// The route matches, by this `match` block (`None`: the route has none).
+    Matched(Option<usize>),
+    /// The route's `match` blocks decide.
+    Unsure,
 }
 
 impl PathGuard {
     const ANY: PathGuard = PathGuard {
         head: [0; 15],
         len: 0,
+        decides: Decides::Nothing,
     };
 
     fn of(route: &HttpRoute) -> Self {
+        let mut guard = Self::necessary(route);
+        guard.decides = match route.matches.as_slice() {
+            [] => Decides::Always,
+            [only] => match only.uri_literal_only() {
+                Some((literal, exact)) if literal.len() == usize::from(guard.len) => {
+                    if exact {
+                        Decides::Exact
+                    } else {
+                        Decides::Prefix
+                    }
+                }
+                _ => Decides::Nothing,
+            },
+            _ => Decides::Nothing,
+        };
+        guard
+    }
+
+    /// The head alone: what every path the route matches must start with.
+    fn necessary(route: &HttpRoute) -> Self {
         let mut common: Option<&[u8]> = None;
         for m in &route.matches {
             let literal = match &m.uri {
@@ -179,9 +251,18 @@ impl PathGuard {
         guard
     }
 
-    fn admits(&self, path: &str) -> bool {
+    fn check(&self, path: &str) -> Guarded {
         let head = &self.head[..usize::from(self.len)];
-        path.as_bytes().get(..head.len()) == Some(head)
+        if path.as_bytes().get(..head.len()) != Some(head) {
+            return Guarded::Rejected;
+        }
+        match self.decides {
+            Decides::Nothing => Guarded::Unsure,
+            Decides::Always => Guarded::Matched(None),
+            Decides::Prefix => Guarded::Matched(Some(0)),
+            Decides::Exact if path.len() == head.len() => Guarded::Matched(Some(0)),
+            Decides::Exact => Guarded::Rejected,
+        }
     }
 }
 
@@ -324,8 +405,10 @@ impl Listener {
             return RouteLookup::NoHost;
         };
         for (route, guard) in vhost.routes.iter().zip(&vhost.path_guards) {
-            if !guard.admits(req.path) {
-                continue;
+            match guard.check(req.path) {
+                Guarded::Rejected => continue,
+                Guarded::Matched(matched) => return RouteLookup::Found { route, matched },
+                Guarded::Unsure => {}
             }
             if route.def.matches.is_empty() {
                 return RouteLookup::Found {
@@ -352,6 +435,28 @@ impl Route {
     /// The `match` block at `index`, as returned in [`RouteLookup::Found`].
     pub fn matched(&self, index: Option<usize>) -> Option<&RouteMatch> {
         self.def.matches.get(index?)
+    }
+
+    /// Whether the route forwards to its targets (else it redirects or answers itself).
+    pub fn forwards(&self) -> bool {
+        self.uses.forward
+    }
+
+    /// The route's `rewrite`, when it changes anything.
+    pub fn rewrite(&self) -> Option<&Rewrite> {
+        self.uses.rewrite.then(|| &self.def.rewrite)
+    }
+
+    /// The route's request header rules, when it has any.
+    pub fn request_headers(&self) -> Option<&HeaderOps> {
+        self.uses.request_headers.then(|| &self.def.headers.request)
+    }
+
+    /// The route's response header rules, when it has any.
+    pub fn response_headers(&self) -> Option<&HeaderOps> {
+        self.uses
+            .response_headers
+            .then(|| &self.def.headers.response)
     }
 }
 
@@ -735,10 +840,12 @@ impl Compiler {
                 }
             }
             let path_guard = PathGuard::of(&def);
+            let uses = Uses::of(&def);
             routes.push(Arc::new(Route {
                 def,
                 targets,
                 path_guard,
+                uses,
             }));
         }
         GatewayView {
@@ -887,7 +994,7 @@ mod tests {
     }
 
     #[test]
-    fn a_path_guard_never_rejects_a_path_its_route_matches() {
+    fn a_path_guard_never_contradicts_its_route() {
         let prefix = |s: &str| uri(StrMatch::Prefix(s.into()));
         let exact = |s: &str| uri(StrMatch::Exact(s.into()));
         let ignoring_case = RouteMatch {
@@ -904,6 +1011,15 @@ mod tests {
             route(vec![ignoring_case]),
             route(vec![regex, prefix("/r3/")]),
             route(vec![prefix("")]),
+            route(vec![exact("/api/v2")]),
+            route(vec![RouteMatch {
+                method: Some(StrMatch::Exact("GET".into())),
+                ..prefix("/r3/")
+            }]),
+            route(vec![RouteMatch {
+                port: Some(8080),
+                ..exact("/api/v2")
+            }]),
         ];
         let paths = [
             "/",
@@ -930,21 +1046,46 @@ mod tests {
             headers: &headers,
             port: 80,
         };
-        let mut rejected = 0;
+        let (mut rejected, mut decided) = (0, 0);
         for route in &routes {
             let guard = PathGuard::of(route);
             for path in paths {
-                let matches =
-                    route.matches.is_empty() || route.matches.iter().any(|m| m.matches(&req(path)));
-                if !guard.admits(path) {
-                    assert!(!matches, "{path} rejected by the guard of {route:?}");
-                    rejected += 1;
+                // What the route's own `match` blocks say: no match, or the first block that
+                // matches (`Some(None)` for a route without blocks).
+                let block = if route.matches.is_empty() {
+                    Some(None)
+                } else {
+                    route
+                        .matches
+                        .iter()
+                        .position(|m| m.matches(&req(path)))
+                        .map(Some)
+                };
+                match guard.check(path) {
+                    Guarded::Rejected => {
+                        assert_eq!(block, None, "{path} rejected by the guard of {route:?}");
+                        rejected += 1;
+                    }
+                    Guarded::Matched(matched) => {
+                        assert_eq!(block, Some(matched), "{path} with the guard of {route:?}");
+                        decided += 1;
+                    }
+                    Guarded::Unsure => {}
                 }
             }
         }
         assert!(rejected > 20, "the guards reject little: {rejected}");
-        // The common head of `/api/v1/` and `/api/v2` is `/api/v`.
+        assert!(decided > 15, "the guards decide little: {decided}");
+        // The common head of `/api/v1/` and `/api/v2` is `/api/v`: necessary, not sufficient.
         let api = PathGuard::of(&routes[2]);
-        assert!(api.admits("/api/v9") && !api.admits("/api/x"));
+        assert_eq!(api.check("/api/v9"), Guarded::Unsure);
+        assert_eq!(api.check("/api/x"), Guarded::Rejected);
+        // Conditions beyond the path leave the decision to the route.
+        assert_eq!(PathGuard::of(&routes[9]).check("/r3/"), Guarded::Unsure);
+        assert_eq!(PathGuard::of(&routes[10]).check("/api/v2"), Guarded::Unsure);
+        assert_eq!(
+            PathGuard::of(&routes[8]).check("/api/v2/"),
+            Guarded::Rejected
+        );
     }
 }

@@ -24,6 +24,40 @@ pub struct RequestInfo<'a> {
 }
 
 impl RouteMatch {
+    /// The case-sensitive uri literal that is this block's only condition, and whether it is an
+    /// exact value (else a prefix). A request's path alone then decides whether the block matches.
+    pub fn uri_literal_only(&self) -> Option<(&str, bool)> {
+        // Every field named, so a new condition cannot be forgotten here.
+        let RouteMatch {
+            name: _,
+            uri,
+            ignore_uri_case,
+            scheme,
+            method,
+            authority,
+            headers,
+            without_headers,
+            query_params,
+            port,
+            // Applied when the route is compiled for a gateway, not per request.
+            gateways: _,
+        } = self;
+        let others = *ignore_uri_case
+            || scheme.is_some()
+            || method.is_some()
+            || authority.is_some()
+            || !headers.is_empty()
+            || !without_headers.is_empty()
+            || !query_params.is_empty()
+            || port.is_some();
+        match uri {
+            _ if others => None,
+            Some(StrMatch::Exact(literal)) => Some((literal, true)),
+            Some(StrMatch::Prefix(literal)) => Some((literal, false)),
+            _ => None,
+        }
+    }
+
     pub fn matches(&self, req: &RequestInfo<'_>) -> bool {
         if self.port.is_some_and(|p| p != req.port) {
             return false;
