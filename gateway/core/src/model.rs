@@ -195,6 +195,12 @@ pub struct HeaderRules {
     pub response: HeaderOps,
 }
 
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
     pub uri: Option<String>,

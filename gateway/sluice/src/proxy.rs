@@ -743,8 +743,8 @@ impl ProxyHttp for GatewayProxy {
         if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref()) {
             upstream_request.insert_header(header::HOST, authority.as_str())?;
         }
-        if let Some(target) = ctx.target() {
-            apply_ops(upstream_request, &target.headers.request)?;
+        if let Some(rules) = ctx.target().and_then(|t| t.request_headers()) {
+            apply_ops(upstream_request, rules)?;
         }
         if let Some(rules) = route.request_headers() {
             apply_ops(upstream_request, rules)?;
@@ -762,8 +762,8 @@ impl ProxyHttp for GatewayProxy {
         if let Some(id) = &ctx.request_id {
             upstream_response.insert_header("x-request-id", id.clone())?;
         }
-        if let Some(target) = ctx.target() {
-            apply_ops(upstream_response, &target.headers.response)?;
+        if let Some(rules) = ctx.target().and_then(|t| t.response_headers()) {
+            apply_ops(upstream_response, rules)?;
         }
         if let Some(rules) = ctx.route.as_ref().and_then(|r| r.response_headers()) {
             apply_ops(upstream_response, rules)?;

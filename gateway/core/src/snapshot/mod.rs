@@ -300,9 +300,23 @@ impl Targets {
 pub struct Target {
     pub cluster: usize,
     pub service: ServiceKey,
-    pub headers: HeaderRules,
+    /// Boxed, and only when there are rules (rarely): a request reads the target's cluster and
+    /// rules, and in a large config each cache line of a target it reads is a miss.
+    headers: Option<Box<HeaderRules>>,
     /// Running sum of weights up to and including this target.
     cumulative: u32,
+}
+
+impl Target {
+    /// The destination's request header rules, when it has any.
+    pub fn request_headers(&self) -> Option<&HeaderOps> {
+        Some(&self.headers.as_ref()?.request).filter(|ops| !ops.is_empty())
+    }
+
+    /// The destination's response header rules, when it has any.
+    pub fn response_headers(&self) -> Option<&HeaderOps> {
+        Some(&self.headers.as_ref()?.response).filter(|ops| !ops.is_empty())
+    }
 }
 
 /// An upstream: one service port (and subset) with its endpoints.
@@ -754,7 +768,7 @@ impl Compiler {
             list.push(Target {
                 cluster: self.cluster(model, &d.service),
                 service: d.service.clone(),
-                headers: d.headers.clone(),
+                headers: (!d.headers.is_empty()).then(|| Box::new(d.headers.clone())),
                 cumulative,
             });
         }
