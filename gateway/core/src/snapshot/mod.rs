@@ -117,8 +117,8 @@ pub struct L4Route {
 pub struct VirtualHost {
     pub name: String,
     pub routes: Vec<Arc<Route>>,
-    /// `routes[i].path_guard`, side by side: first-match over a host's routes rejects most of
-    /// them here without following their pointers. In a large config every route a request looks
+    /// The path guard of `routes[i]`, side by side: first-match over a host's routes rejects most
+    /// of them here without following their pointers. In a large config every route a request looks
     /// at is a cache miss or four (route, definition, match list, prefix).
     path_guards: Vec<PathGuard>,
 }
@@ -128,9 +128,6 @@ pub struct VirtualHost {
 pub struct Route {
     pub def: Arc<HttpRoute>,
     pub targets: Targets,
-    /// Worked out once with the route: a reused route is copied into its virtual host's
-    /// `path_guards` without reading its definition again.
-    path_guard: PathGuard,
     /// Which parts of `def` a request needs, worked out once too: a route that only forwards
     /// reads nothing of its definition per request (in a large config, each part read is a cache
     /// miss). See the accessors on `Route`.
@@ -507,11 +504,19 @@ struct CompiledVirtualService {
 /// A VirtualService's routes as one gateway sees them (`match.gateways` applied).
 struct GatewayView {
     gateway: String,
-    routes: Arc<[Arc<Route>]>,
+    routes: Arc<ViewRoutes>,
     /// The upstreams the routes name, by number: valid only while those numbers still name the
     /// same upstreams (they follow the order services are first used in, which an edit elsewhere
     /// can change).
     clusters: Vec<(usize, ServiceKey)>,
+}
+
+/// Routes with their path guards, worked out once with the routes and kept beside them: a reload
+/// that reuses the routes copies the guards into its virtual hosts without reading the routes or
+/// their definitions again.
+struct ViewRoutes {
+    routes: Vec<Arc<Route>>,
+    guards: Vec<PathGuard>,
 }
 
 /// Records `(port, host)` in `seen`; false when it was there already. `seen` holds one binding's
@@ -675,7 +680,7 @@ impl Compiler {
         port: u16,
         family: ListenerFamily,
         host: &HostPattern,
-        routes: &[Arc<Route>],
+        routes: &ViewRoutes,
     ) {
         let listener = self.listener(port, family);
         let next = listener.virtual_hosts.len();
@@ -688,10 +693,8 @@ impl Compiler {
             });
         }
         if let Some(vhost) = listener.virtual_hosts.get_mut(vhost_index) {
-            vhost.routes.extend(routes.iter().cloned());
-            vhost
-                .path_guards
-                .extend(routes.iter().map(|r| r.path_guard));
+            vhost.routes.extend(routes.routes.iter().cloned());
+            vhost.path_guards.extend_from_slice(&routes.guards);
         }
     }
 
@@ -785,7 +788,7 @@ impl Compiler {
         model: &Model,
         vs: &Arc<crate::model::VirtualService>,
         gateway: &str,
-    ) -> Arc<[Arc<Route>]> {
+    ) -> Arc<ViewRoutes> {
         let key = address_of(vs);
         if let Some(view) = self
             .built
@@ -827,6 +830,7 @@ impl Compiler {
 
     fn build_view(&mut self, model: &Model, http: &[Arc<HttpRoute>], gateway: &str) -> GatewayView {
         let mut routes = Vec::with_capacity(http.len());
+        let mut guards = Vec::with_capacity(http.len());
         let mut clusters: Vec<(usize, ServiceKey)> = Vec::new();
         for def in http {
             // Most routes do not name gateways in `match` and are shared as they are.
@@ -853,18 +857,13 @@ impl Compiler {
                     clusters.push((target.cluster, target.service.clone()));
                 }
             }
-            let path_guard = PathGuard::of(&def);
+            guards.push(PathGuard::of(&def));
             let uses = Uses::of(&def);
-            routes.push(Arc::new(Route {
-                def,
-                targets,
-                path_guard,
-                uses,
-            }));
+            routes.push(Arc::new(Route { def, targets, uses }));
         }
         GatewayView {
             gateway: gateway.to_string(),
-            routes: routes.into(),
+            routes: Arc::new(ViewRoutes { routes, guards }),
             clusters,
         }
     }
