@@ -321,6 +321,18 @@ async fn header_rules_apply_to_requests_and_responses() -> anyhow::Result<()> {
         response: {add: {x-dest-resp: dest}}
 ";
     yaml += &virtual_service("headers", &["hdr.test"], http);
+    // Rules of one kind only: a remove alone on the route, response rules alone on the target.
+    let one_kind = "
+  - match: [{uri: {prefix: /only}}]
+    headers:
+      request:
+        remove: [x-remove]
+    route:
+    - destination: {host: app.svc}
+      headers:
+        response: {set: {x-dest-resp: only}}
+";
+    yaml += &virtual_service("one-kind", &["hdr2.test"], one_kind);
     let _gw = TestGateway::start(&yaml, &[port])?;
     let r = send(
         client()
@@ -348,6 +360,19 @@ async fn header_rules_apply_to_requests_and_responses() -> anyhow::Result<()> {
     assert_eq!(r.headers["x-resp-add"], "added");
     assert_eq!(r.headers["x-dest-resp"], "dest");
     assert!(!r.headers.contains_key("x-backend"));
+
+    let r = send(
+        client()
+            .get(format!("http://127.0.0.1:{port}/only/x"))
+            .header("host", "hdr2.test")
+            .header("x-remove", "client")
+            .header("x-keep", "client"),
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.request_header("x-remove"), None);
+    assert_eq!(r.request_header("x-keep"), Some("client"));
+    assert_eq!(r.headers["x-dest-resp"], "only");
     Ok(())
 }
 

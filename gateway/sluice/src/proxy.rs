@@ -578,27 +578,29 @@ impl ProxyHttp for GatewayProxy {
                 ctx.route = Some(route.clone());
                 ctx.matched = matched;
                 // A forwarding route is the usual case: known without reading its definition.
-                let answers = (!route.forwards()).then_some(&route.def.action);
-                match answers {
-                    None | Some(Action::Forward(_)) => {
-                        ctx.target = route.targets.pick();
-                        None
+                if route.forwards() {
+                    ctx.target = route.targets.pick();
+                    None
+                } else {
+                    match &route.def.action {
+                        Action::Redirect(redirect) => {
+                            let location = redirect_location(redirect, &info);
+                            let value = HeaderValue::from_str(&location).map_err(|_| {
+                                Error::explain(
+                                    ErrorType::HTTPStatus(400),
+                                    "redirect target is not a valid header",
+                                )
+                            })?;
+                            Some((redirect.code, Some((header::LOCATION, value)), Bytes::new()))
+                        }
+                        Action::Respond(direct) => Some((
+                            direct.status,
+                            None,
+                            Bytes::copy_from_slice(direct.body.as_bytes()),
+                        )),
+                        // `forwards()` said no.
+                        Action::Forward(_) => None,
                     }
-                    Some(Action::Redirect(redirect)) => {
-                        let location = redirect_location(redirect, &info);
-                        let value = HeaderValue::from_str(&location).map_err(|_| {
-                            Error::explain(
-                                ErrorType::HTTPStatus(400),
-                                "redirect target is not a valid header",
-                            )
-                        })?;
-                        Some((redirect.code, Some((header::LOCATION, value)), Bytes::new()))
-                    }
-                    Some(Action::Respond(direct)) => Some((
-                        direct.status,
-                        None,
-                        Bytes::copy_from_slice(direct.body.as_bytes()),
-                    )),
                 }
             }
         };

@@ -118,7 +118,7 @@ pub struct VirtualHost {
     pub name: String,
     pub routes: Vec<Arc<Route>>,
     /// The path guard of `routes[i]`, side by side: first-match over a host's routes rejects most
-    /// of them here without following their pointers. In a large config every route a request looks
+    /// of them here without following their pointers, and often accepts the one that matches. In a large config every route a request looks
     /// at is a cache miss or four (route, definition, match list, prefix).
     path_guards: Vec<PathGuard>,
 }
@@ -144,9 +144,11 @@ struct Uses {
 
 impl Uses {
     fn of(route: &HttpRoute) -> Self {
+        // Every field named, so a new kind of rewrite cannot be skipped by `Route::rewrite`.
+        let Rewrite { uri, authority } = &route.rewrite;
         Uses {
             forward: matches!(route.action, Action::Forward(_)),
-            rewrite: route.rewrite.uri.is_some() || route.rewrite.authority.is_some(),
+            rewrite: uri.is_some() || authority.is_some(),
             request_headers: !route.headers.request.is_empty(),
             response_headers: !route.headers.response.is_empty(),
         }
@@ -202,6 +204,7 @@ impl PathGuard {
         guard.decides = match route.matches.as_slice() {
             [] => Decides::Always,
             [only] => match only.uri_literal_only() {
+                // The whole literal is in the guard (it is at most 15 bytes).
                 Some((literal, exact)) if literal.len() == usize::from(guard.len) => {
                     if exact {
                         Decides::Exact
@@ -519,6 +522,21 @@ struct ViewRoutes {
     guards: Vec<PathGuard>,
 }
 
+impl ViewRoutes {
+    fn with_capacity(capacity: usize) -> Self {
+        ViewRoutes {
+            routes: Vec::with_capacity(capacity),
+            guards: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// The only way in: `guards[i]` is always `routes[i]`'s.
+    fn push(&mut self, route: Route) {
+        self.guards.push(PathGuard::of(&route.def));
+        self.routes.push(Arc::new(route));
+    }
+}
+
 /// Records `(port, host)` in `seen`; false when it was there already. `seen` holds one binding's
 /// few hosts, so a scan beats hashing.
 fn first_time(seen: &mut Vec<(u16, HostPattern)>, port: u16, host: &HostPattern) -> bool {
@@ -829,8 +847,7 @@ impl Compiler {
     }
 
     fn build_view(&mut self, model: &Model, http: &[Arc<HttpRoute>], gateway: &str) -> GatewayView {
-        let mut routes = Vec::with_capacity(http.len());
-        let mut guards = Vec::with_capacity(http.len());
+        let mut routes = ViewRoutes::with_capacity(http.len());
         let mut clusters: Vec<(usize, ServiceKey)> = Vec::new();
         for def in http {
             // Most routes do not name gateways in `match` and are shared as they are.
@@ -857,13 +874,12 @@ impl Compiler {
                     clusters.push((target.cluster, target.service.clone()));
                 }
             }
-            guards.push(PathGuard::of(&def));
             let uses = Uses::of(&def);
-            routes.push(Arc::new(Route { def, targets, uses }));
+            routes.push(Route { def, targets, uses });
         }
         GatewayView {
             gateway: gateway.to_string(),
-            routes: Arc::new(ViewRoutes { routes, guards }),
+            routes: Arc::new(routes),
             clusters,
         }
     }
@@ -1033,6 +1049,15 @@ mod tests {
                 port: Some(8080),
                 ..exact("/api/v2")
             }]),
+            // At the guard's length and one past it.
+            route(vec![exact("/fifteen-bytes/")]),
+            route(vec![prefix("/fifteen-bytes/")]),
+            route(vec![exact("/sixteen-bytes/x")]),
+            route(vec![prefix("/sixteen-bytes/x")]),
+            route(vec![exact("")]),
+            route(vec![RouteMatch::default()]),
+            // A two-byte character across the 15th byte.
+            route(vec![prefix("/fourteen-byte\u{e9}/")]),
         ];
         let paths = [
             "/",
@@ -1048,6 +1073,14 @@ mod tests {
             "/a-prefix-longer-than-the-g",
             "",
             "/r1/",
+            "/fifteen-bytes/",
+            "/fifteen-bytes/x",
+            "/fifteen-bytes",
+            "/sixteen-bytes/x",
+            "/sixteen-bytes/xy",
+            "/sixteen-bytes/",
+            "/fourteen-byte\u{e9}/a",
+            "/fourteen-byte\u{e8}/a",
         ];
         let headers = http::HeaderMap::new();
         let req = |path| RequestInfo {
@@ -1088,7 +1121,9 @@ mod tests {
             }
         }
         assert!(rejected > 20, "the guards reject little: {rejected}");
-        assert!(decided > 15, "the guards decide little: {decided}");
+        assert!(decided > 25, "the guards decide little: {decided}");
+        assert_eq!(PathGuard::of(&routes[11]).decides, Decides::Exact);
+        assert_eq!(PathGuard::of(&routes[13]).decides, Decides::Nothing);
         // The common head of `/api/v1/` and `/api/v2` is `/api/v`: necessary, not sufficient.
         let api = PathGuard::of(&routes[2]);
         assert_eq!(api.check("/api/v9"), Guarded::Unsure);

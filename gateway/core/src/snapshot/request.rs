@@ -26,7 +26,7 @@ pub struct RequestInfo<'a> {
 impl RouteMatch {
     /// The case-sensitive uri literal that is this block's only condition, and whether it is an
     /// exact value (else a prefix). A request's path alone then decides whether the block matches.
-    pub fn uri_literal_only(&self) -> Option<(&str, bool)> {
+    pub(crate) fn uri_literal_only(&self) -> Option<(&str, bool)> {
         // Every field named, so a new condition cannot be forgotten here.
         let RouteMatch {
             name: _,
@@ -50,8 +50,10 @@ impl RouteMatch {
             || !without_headers.is_empty()
             || !query_params.is_empty()
             || port.is_some();
+        if others {
+            return None;
+        }
         match uri {
-            _ if others => None,
             Some(StrMatch::Exact(literal)) => Some((literal, true)),
             Some(StrMatch::Prefix(literal)) => Some((literal, false)),
             _ => None,
