@@ -118,8 +118,9 @@ pub struct VirtualHost {
     pub name: String,
     pub routes: Vec<Arc<Route>>,
     /// The path guard of `routes[i]`, side by side: first-match over a host's routes rejects most
-    /// of them here without following their pointers, and often accepts the one that matches. In a large config every route a request looks
-    /// at is a cache miss or four (route, definition, match list, prefix).
+    /// of them here without following their pointers, and often accepts the one that matches. In
+    /// a large config every route a request looks at is a cache miss or four (route, definition,
+    /// match list, prefix).
     path_guards: Vec<PathGuard>,
 }
 
