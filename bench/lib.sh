@@ -14,8 +14,9 @@ if ((${#need[@]})); then
   $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 scripts/setup
-# Sluice, and the bare Pingora proxy measured beside it (gateway/sluice/examples/bare_pingora.rs).
-cargo build --release -q -p sluice --bin sluice --example bare_pingora
+# Sluice, and the bare Pingora proxy measured beside it (gateway/sluice/examples/bare_pingora.rs), on
+# the system allocator as Pingora ships and on mimalloc as Sluice runs.
+cargo build --release -q -p sluice --bin sluice --example bare_pingora --example bare_pingora_mimalloc
 
 work=$(mktemp -d)
 nginx_prefixes=()
@@ -59,14 +60,17 @@ start_sluice() {
   echo "$1 did not start:" >&2; cat "$work/$1.log" >&2; return 1
 }
 
-# start_pingora PORT UPSTREAM-PORT: the bare Pingora proxy (no filters, Pingora's own listener), to
-# tell Pingora's cost from Sluice's. Sets pingora_pid.
+# start_pingora NAME PORT UPSTREAM-PORT: the bare Pingora proxy (no filters, Pingora's own listener),
+# to tell Pingora's cost from Sluice's. NAME pingora runs it on the system allocator, pingora-mi on
+# mimalloc. Sets pingora_pids[NAME].
+declare -A pingora_pids
 start_pingora() {
-  RUST_LOG=warn $serve target/release/examples/bare_pingora "127.0.0.1:$1" "127.0.0.1:$2" \
-    2>"$work/pingora.log" &
-  pingora_pid=$!
-  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
-  echo "bare Pingora did not start:" >&2; cat "$work/pingora.log" >&2; return 1
+  local binary=bare_pingora
+  [[ $1 == pingora-mi ]] && binary=bare_pingora_mimalloc
+  RUST_LOG=warn $serve "target/release/examples/$binary" "127.0.0.1:$2" "127.0.0.1:$3" 2>"$work/$1.log" &
+  pingora_pids[$1]=$!
+  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$2/" && return 0; sleep 0.1; done
+  echo "$1 did not start:" >&2; cat "$work/$1.log" >&2; return 1
 }
 
 # sluice_gateway NAME ADMIN-PORT [SPEC-LINES]: GatewaySettings (loopback, one worker, its own

@@ -1,7 +1,8 @@
 //! A bench peer, not part of Sluice: the smallest HTTP proxy Pingora can run (every request to one
 //! upstream, no filters, Pingora's own listener), configured like Sluice (one worker thread, no
 //! work stealing). `bench/run.sh` measures it beside Sluice so the cost of Pingora's proxy path
-//! and the cost of Sluice's own work can be told apart.
+//! and the cost of Sluice's own work can be told apart. `bare_pingora_mimalloc.rs` is the same proxy on
+//! Sluice's allocator.
 //!
 //!     cargo run --release --example bare_pingora -- LISTEN-ADDRESS UPSTREAM-ADDRESS
 
@@ -25,7 +26,7 @@ impl ProxyHttp for Bare {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
         anyhow::bail!("usage: bare_pingora LISTEN-ADDRESS UPSTREAM-ADDRESS");
