@@ -161,7 +161,10 @@ impl Live {
             }
             Err(_) => Vec::new(),
         };
-        drop(unused);
+        if !unused.is_empty() {
+            drop(unused);
+            return_freed_pages();
+        }
     }
 
     pub fn status(&self) -> ReloadStatus {
@@ -220,5 +223,19 @@ pub struct InFlight(Arc<AtomicUsize>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Gives the pages a freed generation occupied back to the system. mimalloc returns free pages
+/// only after a delay and only when some thread next allocates through its slow path, so an idle
+/// Sluice kept a large replaced generation's memory resident indefinitely: the 10,000-host config
+/// held 556 MiB after reloads that rebuilt everything, against 450 with this (BENCHMARKS.md).
+/// Without mimalloc as the global allocator (unit tests) it finds nothing to collect.
+fn return_freed_pages() {
+    // SAFETY: `mi_collect` has no preconditions; it only walks the calling thread's heap and the
+    // shared arenas under mimalloc's own locks.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
     }
 }
