@@ -291,6 +291,32 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<Echoed> {
     })
 }
 
+/// Reads one HTTP/1.1 response with a `content-length` body from a raw connection (for requests
+/// a client library would not send as written): its status line and body.
+pub async fn read_http1_response(
+    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+) -> Result<(String, Vec<u8>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut status = String::new();
+    stream.read_line(&mut status).await?;
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await? == 0 {
+            bail!("connection closed inside a response head after {status:?}");
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse()?;
+        }
+    }
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await?;
+    Ok((status.trim_end().to_string(), body))
+}
+
 /// `GET http://127.0.0.1:{port}{path}` with `Host: host`.
 pub async fn get(port: u16, host: &str, path: &str) -> Result<Echoed> {
     send(

@@ -514,7 +514,7 @@ async fn h2c_prior_knowledge_is_proxied() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn short_requests_and_paused_keep_alive_connections_are_served() -> anyhow::Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &backends(&["app"]).await?;
@@ -545,27 +545,97 @@ async fn short_requests_and_paused_keep_alive_connections_are_served() -> anyhow
         stream.get_mut().write_all(&request.as_bytes()[..1]).await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
         stream.get_mut().write_all(&request.as_bytes()[1..]).await?;
-        let mut status = String::new();
-        stream.read_line(&mut status).await?;
+        let (status, body) = read_http1_response(&mut stream).await?;
         assert!(
             status.starts_with("HTTP/1.1 200"),
             "round {round}: {status}"
         );
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            stream.read_line(&mut line).await?;
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = value.trim().parse()?;
-            }
-        }
-        let mut body = vec![0u8; length];
-        stream.read_exact(&mut body).await?;
         let body: serde_json::Value = serde_json::from_slice(&body)?;
         assert_eq!(body["path"], format!("/round/{round}"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &virtual_service(
+        "app",
+        &["*"],
+        "  - route: [{destination: {host: app.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    let cases: [(&str, Vec<String>, Vec<&str>); 4] = [
+        (
+            "three requests in one write, the second answered slowly",
+            vec![get("/1") + &get("/2?sleep_ms=200") + &get("/3")],
+            vec!["/1", "/2", "/3"],
+        ),
+        (
+            // The second arrives while the first is with the upstream. Pingora used to fail the
+            // first ("sent data after end of body") and reset the connection.
+            "the next request sent while the first is in flight",
+            vec![get("/slow?sleep_ms=300"), get("/next")],
+            vec!["/slow", "/next"],
+        ),
+        (
+            "a request with a body, then another",
+            vec![
+                "POST /form HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello".to_string()
+                    + &get("/after"),
+            ],
+            vec!["/form", "/after"],
+        ),
+        (
+            "a chunked request, then another",
+            vec![
+                "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 5\r\nhello\r\n0\r\n\r\n"
+                    .to_string()
+                    + &get("/after"),
+            ],
+            vec!["/upload", "/after"],
+        ),
+    ];
+    for (case, writes, paths) in cases {
+        let mut stream =
+            tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+        for write in &writes {
+            stream.get_mut().write_all(write.as_bytes()).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for path in &paths {
+            let (status, body) =
+                tokio::time::timeout(Duration::from_secs(5), read_http1_response(&mut stream))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("{case}: no answer for {path}"))??;
+            assert!(
+                status.starts_with("HTTP/1.1 200"),
+                "{case}, {path}: {status}"
+            );
+            let body: serde_json::Value = serde_json::from_slice(&body)?;
+            assert_eq!(body["path"], *path, "{case}");
+        }
+        // The connection stays open and keeps serving after a pause.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream
+            .get_mut()
+            .write_all(b"GET /later HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .await?;
+        let (status, body) = read_http1_response(&mut stream).await?;
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "{case}, later: {status}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(body["path"], "/later", "{case}");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await?;
+        assert!(rest.is_empty(), "{case}: nothing after the last answer");
     }
     Ok(())
 }

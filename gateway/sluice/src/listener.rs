@@ -9,7 +9,9 @@
 //!
 //! HTTP/1.1 keep-alive is driven here too: between requests a connection waits for the first byte
 //! of its next request holding only its stream, and Pingora's per-request session and proxy state
-//! exist only while a request is under way (an idle connection costs a few KiB, not tens).
+//! exist only while a request is under way (an idle connection costs a few KiB, not tens). Requests
+//! a client pipelines are answered in order: Pingora carries what it read past a request into the
+//! next session, so on a connection that pipelines, sessions follow each other without the wait.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +21,7 @@ use log::debug;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::tls::server::handshake_with_callback;
-use pingora::protocols::{Ssl, Stream, ALPN};
+use pingora::protocols::{Peek, Ssl, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use sluice_core::model::ListenerFamily;
 use sluice_core::snapshot::{L4Route, TlsDecision};
@@ -64,13 +66,23 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
             return;
         };
         if h2 {
+            stream.stop_following_requests();
             let _ = ServerApp::process_new(&self.inner, Box::new(stream), shutdown).await;
             return;
         }
         let mut next = self.http1_request(Box::new(stream), None, shutdown);
+        // Once a session has read past its request, Pingora may hold the next ones, in any number:
+        // what the stream hands over no longer tells where a request starts. From then on each
+        // session starts at once and waits in Pingora's read, as Pingora's own loop does.
+        let mut pipelined = false;
         while let Some(reused) = next.await {
-            let (mut stream, persistent) = reused.consume();
-            if !next_request_arrives(&mut stream, shutdown).await {
+            let (stream, persistent) = reused.consume();
+            // The stream handed to the session comes back from it.
+            let Ok(mut stream) = stream.into_any().downcast::<ReplayIo>() else {
+                return;
+            };
+            pipelined |= stream.next_request();
+            if !pipelined && !next_request_arrives(&mut stream, shutdown).await {
                 return;
             }
             next = self.http1_request(stream, persistent, shutdown);
@@ -108,6 +120,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
         match persistent {
             Some(persistent) => persistent.apply_to_session(&mut session),
             None => {
+                // Carried to the connection's later sessions with the other persistent settings.
+                session.set_pipelining_enabled(true);
                 session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
                 session.set_keepalive_reuses_remaining(
                     self.inner
@@ -341,7 +355,7 @@ async fn discard_arrived(stream: &mut Stream) {
 /// Waits, holding nothing but the stream, until the next request's first byte arrives: false when
 /// the client closes, stays silent past [`KEEPALIVE_IDLE`], or the server shuts down (as Pingora
 /// drops idle keep-alive connections at shutdown).
-async fn next_request_arrives(stream: &mut Stream, shutdown: &ShutdownWatch) -> bool {
+async fn next_request_arrives(stream: &mut ReplayIo, shutdown: &ShutdownWatch) -> bool {
     let mut shutdown = shutdown.clone();
     if *shutdown.borrow_and_update() {
         return false;

@@ -13,6 +13,11 @@
 //! so a response head and a small body leave in one send. Its buffer too exists only while
 //! something is pending: connections are accepted without Pingora's L4 write buffer, which an idle
 //! connection would keep.
+//!
+//! And it follows where each request ends in what it hands over ([`Framing`]). A client may send
+//! its next request before the answer to the last (pipelining, RFC 9112 §9.3.2); Pingora keeps
+//! whatever it read past a request for the next session, so those bytes are no longer in the
+//! socket, and the listener must not wait for the socket then ([`ReplayIo::next_request`]).
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -60,6 +65,102 @@ pub struct ReplayIo {
     /// A read error met while handing over bytes read ahead: the kernel reports a reset only once,
     /// so it is kept for the next read rather than read again as a clean end.
     deferred_error: Option<std::io::Error>,
+    /// Where the current HTTP/1 request ends in what was handed over; HTTP streams only.
+    framing: Option<Framing>,
+}
+
+/// How far the bytes handed to the HTTP/1 session go into the current request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Still in the head. `tail`: its last two bytes so far, to find an empty line split across
+    /// reads; `started`: some of it was handed over before, so the head is not in one piece.
+    Head { tail: [u8; 2], started: bool },
+    /// In the body, with this many bytes still to come; `None` when the head does not tell
+    /// (chunked, or a head that came in pieces).
+    Body(Option<u64>),
+    /// Bytes past the request's end were handed over, or past a body of unknown length: the
+    /// session may hold the start of the next request.
+    Past,
+}
+
+impl Framing {
+    const NEXT_REQUEST: Framing = Framing::Head {
+        tail: [0; 2],
+        started: false,
+    };
+
+    fn advance(&mut self, mut bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Framing::Head { tail, started } = *self {
+            let Some((end, length)) = head_end(tail, bytes, !started) else {
+                let tail = match bytes {
+                    [.., a, b] => [*a, *b],
+                    [b] => [tail[1], *b],
+                    [] => tail,
+                };
+                *self = Framing::Head {
+                    tail,
+                    started: true,
+                };
+                return;
+            };
+            *self = Framing::Body(length);
+            bytes = &bytes[end..];
+            if bytes.is_empty() {
+                return;
+            }
+        }
+        let handed = bytes.len() as u64;
+        *self = match *self {
+            Framing::Body(Some(left)) if handed <= left => Framing::Body(Some(left - handed)),
+            _ => Framing::Past,
+        };
+    }
+}
+
+/// Where a request head ends in `bytes`: just past its empty line (CRLF CRLF, or the bare LF LF
+/// httparse accepts too), given the two bytes handed over before them. With it, when `bytes` hold
+/// the head from its first byte, the body length the head declares: 0 with neither
+/// `Content-Length` nor `Transfer-Encoding` (RFC 9112 §6.3), `None` with `Transfer-Encoding` or a
+/// `Content-Length` that does not parse (Pingora rejects or frames those itself).
+fn head_end(tail: [u8; 2], bytes: &[u8], whole: bool) -> Option<(usize, Option<u64>)> {
+    const CONTENT_LENGTH: &[u8] = b"content-length:";
+    const TRANSFER_ENCODING: &[u8] = b"transfer-encoding:";
+    let before = |at: usize, back: usize| match at.checked_sub(back) {
+        Some(i) => bytes[i],
+        None => tail[2 + at - back],
+    };
+    let mut length = whole.then_some(0);
+    // The portable word-at-a-time search: heads are short, and the SIMD one's set-up per line
+    // cost more here (callgrind).
+    for at in memchr::arch::all::memchr::One::new(b'\n').iter(bytes) {
+        if before(at, 1) == b'\n' || (before(at, 1) == b'\r' && before(at, 2) == b'\n') {
+            return Some((at + 1, length));
+        }
+        if length.is_none() {
+            continue;
+        }
+        let line = &bytes[at + 1..];
+        let named = |name: &[u8]| {
+            line.get(..name.len())
+                .is_some_and(|l| l.eq_ignore_ascii_case(name))
+        };
+        if named(TRANSFER_ENCODING) {
+            length = None;
+        } else if named(CONTENT_LENGTH) {
+            let value = &line[CONTENT_LENGTH.len()..];
+            let value = &value[..value
+                .iter()
+                .position(|&b| b == b'\n')
+                .unwrap_or(value.len())];
+            length = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
 }
 
 impl ReplayIo {
@@ -73,14 +174,34 @@ impl ReplayIo {
             pending: Vec::new(),
             sent: 0,
             deferred_error: None,
+            framing: None,
         }
     }
 
-    /// For the stream an HTTP session reads and writes: writes are gathered until flushed.
+    /// For the stream an HTTP session reads and writes: writes are gathered until flushed, and
+    /// requests are followed to their end.
     pub fn for_http(inner: Stream) -> Self {
         let mut io = Self::new(inner);
         io.gather_writes = true;
+        io.framing = Some(Framing::NEXT_REQUEST);
         io
+    }
+
+    /// For a connection that turned out to speak HTTP/2, whose frames carry their own lengths.
+    pub fn stop_following_requests(&mut self) {
+        self.framing = None;
+    }
+
+    /// Starts following the connection's next request. True when the last session was handed
+    /// bytes past its request's end: Pingora keeps those for the next session, so the next
+    /// request may already be read, and waiting for the socket would stall it. Meaningful only for
+    /// a session that started with nothing read ahead of it.
+    pub fn next_request(&mut self) -> bool {
+        let past = self.framing == Some(Framing::Past);
+        if self.framing.is_some() {
+            self.framing = Some(Framing::NEXT_REQUEST);
+        }
+        past
     }
 
     fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -148,32 +269,48 @@ impl AsyncRead for ReplayIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if this.ahead.is_empty() {
-            if let Some(error) = this.deferred_error.take() {
+        let from = buf.filled().len();
+        let read = this.poll_read_replaying(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(framing)) = (&read, &mut this.framing) {
+            framing.advance(&buf.filled()[from..]);
+        }
+        read
+    }
+}
+
+impl ReplayIo {
+    /// The read itself: bytes read ahead first, then the stream.
+    fn poll_read_replaying(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.ahead.is_empty() {
+            if let Some(error) = self.deferred_error.take() {
                 return Poll::Ready(Err(error));
             }
-            return Pin::new(&mut *this.inner).poll_read(cx, buf);
+            return Pin::new(&mut *self.inner).poll_read(cx, buf);
         }
-        let replayed = this.buffered().len().min(buf.remaining());
-        buf.put_slice(&this.ahead[this.start..this.start + replayed]);
-        this.start += replayed;
-        if this.start < this.ahead.len() {
+        let replayed = self.buffered().len().min(buf.remaining());
+        buf.put_slice(&self.ahead[self.start..self.start + replayed]);
+        self.start += replayed;
+        if self.start < self.ahead.len() {
             return Poll::Ready(Ok(()));
         }
         // All handed over: an idle connection keeps no buffer.
-        this.ahead = Vec::new();
-        this.start = 0;
+        self.ahead = Vec::new();
+        self.start = 0;
         // A request longer than the read-ahead has more waiting: hand it over in the same call so
         // the reader parses the request once, not once per fragment. Not ready yet is fine: the
         // bytes replayed are the answer to this read.
         if buf.remaining() > 0 {
             let before = buf.filled().len();
-            match Pin::new(&mut *this.inner).poll_read(cx, buf) {
+            match Pin::new(&mut *self.inner).poll_read(cx, buf) {
                 Poll::Ready(Ok(())) | Poll::Pending => {}
                 // Reported by the next read, after the bytes already handed out.
                 Poll::Ready(Err(error)) => {
                     buf.set_filled(before);
-                    this.deferred_error = Some(error);
+                    self.deferred_error = Some(error);
                 }
             }
         }
@@ -331,6 +468,77 @@ mod tests {
 
     fn replay(bytes: &'static [u8]) -> ReplayIo {
         ReplayIo::new(Box::new(std::io::Cursor::new(bytes.to_vec())))
+    }
+
+    /// Hands `pieces` over as successive reads and says whether they went past the request.
+    fn framing_after(pieces: &[&[u8]]) -> Framing {
+        let mut framing = Framing::NEXT_REQUEST;
+        for piece in pieces {
+            framing.advance(piece);
+        }
+        framing
+    }
+
+    #[test]
+    fn framing_finds_where_a_request_ends() {
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(framing_after(&[get]), Framing::Body(Some(0)));
+        // Split anywhere, the head still ends where it ends; its length is then not read.
+        for at in 1..get.len() {
+            let framing = framing_after(&[&get[..at], &get[at..]]);
+            assert!(
+                matches!(framing, Framing::Body(_)),
+                "split at {at}: {framing:?}"
+            );
+        }
+        assert_eq!(
+            framing_after(&[b"GET / HTTP/1.1\nHost: a\n\n"]),
+            Framing::Body(Some(0))
+        );
+        // An empty line before the request line is allowed (RFC 9112 §2.2); two are taken for the
+        // end of a head, which can only err towards "past".
+        let after_empty_line = [&b"\r\n"[..], &get[..]].concat();
+        assert_eq!(framing_after(&[&after_empty_line]), Framing::Body(Some(0)));
+        assert_eq!(framing_after(&[b"\r\n\r\n", get]), Framing::Past);
+
+        let pipelined = [&get[..], &get[..]].concat();
+        assert_eq!(framing_after(&[&pipelined]), Framing::Past);
+        let mut probed = framing_after(&[get]);
+        probed.advance(b"G");
+        assert_eq!(probed, Framing::Past);
+
+        let post = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length:  5 \r\n\r\n";
+        assert_eq!(
+            framing_after(&[post, b"hel", b"lo"]),
+            Framing::Body(Some(0))
+        );
+        assert_eq!(
+            framing_after(&[&[&post[..], b"hello"].concat()]),
+            Framing::Body(Some(0))
+        );
+        assert_eq!(framing_after(&[post, b"hello!"]), Framing::Past);
+        assert_eq!(framing_after(&[post, b"hel"]), Framing::Body(Some(2)));
+
+        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(framing_after(&[chunked]), Framing::Body(None));
+        assert_eq!(framing_after(&[chunked, b"0\r\n\r\n"]), Framing::Past);
+        let unreadable = b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+        assert_eq!(framing_after(&[unreadable]), Framing::Body(None));
+    }
+
+    #[tokio::test]
+    async fn a_session_reading_past_its_request_is_reported_once() {
+        let mut io = ReplayIo::for_http(Box::new(std::io::Cursor::new(
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n".to_vec(),
+        )));
+        let mut first = [0u8; 1];
+        assert!(io.try_peek(&mut first).await.unwrap());
+        assert!(!io.next_request(), "nothing handed over yet");
+        let mut buf = [0u8; 64];
+        let read = io.read(&mut buf).await.unwrap();
+        assert_eq!(read, 38, "both requests in one read");
+        assert!(io.next_request());
+        assert!(!io.next_request(), "each request is followed anew");
     }
 
     #[tokio::test]
