@@ -569,7 +569,7 @@ async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
     );
     let _gw = TestGateway::start(&yaml, &[port])?;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
-    let cases: [(&str, Vec<String>, Vec<&str>); 4] = [
+    let cases: [(&str, Vec<String>, Vec<&str>); 6] = [
         (
             "three requests in one write, the second answered slowly",
             vec![get("/1") + &get("/2?sleep_ms=200") + &get("/3")],
@@ -595,6 +595,24 @@ async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
             vec![
                 "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n\
                  5\r\nhello\r\n0\r\n\r\n"
+                    .to_string()
+                    + &get("/after"),
+            ],
+            vec!["/upload", "/after"],
+        ),
+        (
+            "a body split across writes, the next request with its end",
+            vec![
+                "POST /form HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhel".to_string(),
+                "lo".to_string() + &get("/after"),
+            ],
+            vec!["/form", "/after"],
+        ),
+        (
+            "a chunked request with a trailer, then another",
+            vec![
+                "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n"
                     .to_string()
                     + &get("/after"),
             ],
@@ -636,6 +654,66 @@ async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).await?;
         assert!(rest.is_empty(), "{case}: nothing after the last answer");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_a_minute_also_after_pipelining(
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &virtual_service(
+        "app",
+        &["*"],
+        "  - route: [{destination: {host: app.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    // Each connection: what it sends, how many answers it reads, then what it leaves unfinished.
+    let connections = [
+        ("one request", get("/a"), 1, ""),
+        ("pipelined requests", get("/a") + &get("/b"), 2, ""),
+        (
+            "pipelined, then half a head",
+            get("/a") + &get("/b"),
+            2,
+            "GET /c HTTP/1.1\r\nHo",
+        ),
+        (
+            "one request, then half a head",
+            get("/a"),
+            1,
+            "GET /c HTTP/1.1\r\nHo",
+        ),
+    ];
+    let started = std::time::Instant::now();
+    let mut waits = Vec::new();
+    for (case, requests, answers, unfinished) in connections {
+        let mut stream =
+            tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+        stream.get_mut().write_all(requests.as_bytes()).await?;
+        for _ in 0..answers {
+            let (status, _) = read_http1_response(&mut stream).await?;
+            assert!(status.starts_with("HTTP/1.1 200"), "{case}: {status}");
+        }
+        stream.get_mut().write_all(unfinished.as_bytes()).await?;
+        waits.push(tokio::spawn(async move {
+            let mut rest = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(80), stream.read_to_end(&mut rest)).await;
+            (case, closed.is_ok(), started.elapsed())
+        }));
+    }
+    for wait in waits {
+        let (case, closed, after) = wait.await?;
+        assert!(closed, "{case}: still open after {after:?}");
+        assert!(
+            after >= Duration::from_secs(55),
+            "{case}: closed after only {after:?}"
+        );
     }
     Ok(())
 }

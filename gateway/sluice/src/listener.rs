@@ -71,18 +71,20 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
             return;
         }
         let mut next = self.http1_request(Box::new(stream), None, shutdown);
-        // Once a session has read past its request, Pingora may hold the next ones, in any number:
-        // what the stream hands over no longer tells where a request starts. From then on each
-        // session starts at once and waits in Pingora's read, as Pingora's own loop does.
-        let mut pipelined = false;
+        // Once a session has been handed bytes past its request (pipelined requests; or a body
+        // whose end the stream cannot tell, such as a chunked one), Pingora may hold the next
+        // requests, in any number, and what the stream hands over no longer tells where a request
+        // starts. From then on each session starts at once and waits in Pingora's own read (with
+        // the same idle limit, see `http1_request`), as Pingora's own loop does.
+        let mut may_hold_next_request = false;
         while let Some(reused) = next.await {
             let (stream, persistent) = reused.consume();
             // The stream handed to the session comes back from it.
             let Ok(mut stream) = stream.into_any().downcast::<ReplayIo>() else {
                 return;
             };
-            pipelined |= stream.next_request();
-            if !pipelined && !next_request_arrives(&mut stream, shutdown).await {
+            may_hold_next_request |= stream.begin_next_request();
+            if !may_hold_next_request && !next_request_arrives(&mut stream, shutdown).await {
                 return;
             }
             next = self.http1_request(stream, persistent, shutdown);
@@ -118,7 +120,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ListenerApp<A> {
     ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>> {
         let mut session = ServerSession::new_http1(stream);
         match persistent {
-            Some(persistent) => persistent.apply_to_session(&mut session),
+            Some(persistent) => {
+                persistent.apply_to_session(&mut session);
+                // What the last request carried over is "keep alive" without a limit (Pingora
+                // records a request's keep-alive as infinite): the idle limit applies to the
+                // session's own wait for its request, when the connection skips Sluice's.
+                session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+            }
             None => {
                 // Carried to the connection's later sessions with the other persistent settings.
                 session.set_pipelining_enabled(true);

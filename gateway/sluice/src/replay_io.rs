@@ -76,7 +76,7 @@ enum Framing {
     /// reads; `started`: some of it was handed over before, so the head is not in one piece.
     Head { tail: [u8; 2], started: bool },
     /// In the body, with this many bytes still to come; `None` when the head does not tell
-    /// (chunked, or a head that came in pieces).
+    /// (chunked, a `Content-Length` that does not parse, or a head that came in pieces).
     Body(Option<u64>),
     /// Bytes past the request's end were handed over, or past a body of unknown length: the
     /// session may hold the start of the next request.
@@ -155,9 +155,11 @@ fn head_end(tail: [u8; 2], bytes: &[u8], whole: bool) -> Option<(usize, Option<u
                 .iter()
                 .position(|&b| b == b'\n')
                 .unwrap_or(value.len())];
-            length = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
+            // Digits only, as Pingora reads it (`parse` would also take a sign).
+            let digits = value.trim_ascii();
+            length = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(digits).ok()?.parse().ok())
+                .flatten();
         }
     }
     None
@@ -195,8 +197,8 @@ impl ReplayIo {
     /// Starts following the connection's next request. True when the last session was handed
     /// bytes past its request's end: Pingora keeps those for the next session, so the next
     /// request may already be read, and waiting for the socket would stall it. Meaningful only for
-    /// a session that started with nothing read ahead of it.
-    pub fn next_request(&mut self) -> bool {
+    /// a session that started with no bytes kept by Pingora from the session before it.
+    pub fn begin_next_request(&mut self) -> bool {
         let past = self.framing == Some(Framing::Past);
         if self.framing.is_some() {
             self.framing = Some(Framing::NEXT_REQUEST);
@@ -524,6 +526,8 @@ mod tests {
         assert_eq!(framing_after(&[chunked, b"0\r\n\r\n"]), Framing::Past);
         let unreadable = b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n";
         assert_eq!(framing_after(&[unreadable]), Framing::Body(None));
+        let signed = b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n";
+        assert_eq!(framing_after(&[signed]), Framing::Body(None));
     }
 
     #[tokio::test]
@@ -533,12 +537,12 @@ mod tests {
         )));
         let mut first = [0u8; 1];
         assert!(io.try_peek(&mut first).await.unwrap());
-        assert!(!io.next_request(), "nothing handed over yet");
+        assert!(!io.begin_next_request(), "nothing handed over yet");
         let mut buf = [0u8; 64];
         let read = io.read(&mut buf).await.unwrap();
         assert_eq!(read, 38, "both requests in one read");
-        assert!(io.next_request());
-        assert!(!io.next_request(), "each request is followed anew");
+        assert!(io.begin_next_request());
+        assert!(!io.begin_next_request(), "each request is followed anew");
     }
 
     #[tokio::test]
