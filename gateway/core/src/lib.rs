@@ -61,6 +61,18 @@ pub struct LoadCache {
     compiled: CompileCache,
 }
 
+impl LoadCache {
+    /// The next load reads every file, changed or not.
+    pub fn forget_files(&mut self) {
+        self.parsed.forget_files();
+    }
+
+    /// How many files the last load read, and how many it found unchanged on disk.
+    pub fn last_file_reads(&self) -> config::FileReads {
+        self.parsed.last_load
+    }
+}
+
 /// [`load_paths`], parsing and validating only what `cache` does not hold from the previous load:
 /// how a reload of a large config stays fast when one document changed.
 pub fn load_paths_cached(paths: &[PathBuf], cache: &mut LoadCache) -> Loaded {

@@ -275,6 +275,91 @@ fn a_tls_name_belongs_to_one_server_per_port() {
     );
 }
 
+/// A file unchanged on disk since the last load is not read again; any change to a file is seen,
+/// including one that keeps its size and modification time (`cp -p`), and a file with something to
+/// report is read every time, so its diagnostics are reported every time.
+#[test]
+fn unchanged_files_are_not_read_again_and_every_change_is_seen() {
+    use sluice_core::config::{ConfigSet, FileReads, ParseCache};
+    let dir = std::env::temp_dir().join(format!("sluice-file-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let service = |host: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}}}\n\
+             spec:\n  hosts: [{host}.test]\n  http:\n  - directResponse: {{status: 200}}\n"
+        )
+    };
+    let (a, b, broken) = (dir.join("a.yaml"), dir.join("b.yaml"), dir.join("c.yaml"));
+    std::fs::write(&a, service("a1")).unwrap();
+    std::fs::write(&b, service("b1")).unwrap();
+    std::fs::write(
+        &broken,
+        "apiVersion: networking.istio.io/v1\nkind: Nonsense\n",
+    )
+    .unwrap();
+    // A file is trusted unchanged only once its last change is 2 s old.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut cache = ParseCache::default();
+    let load = |cache: &mut ParseCache| {
+        let (set, diagnostics) = ConfigSet::load_paths_cached(std::slice::from_ref(&dir), cache);
+        assert_eq!(
+            diagnostics.len(),
+            1,
+            "the broken file, every time: {diagnostics:?}"
+        );
+        let mut hosts: Vec<String> = set
+            .virtual_services
+            .iter()
+            .flat_map(|d| d.spec.hosts.clone())
+            .collect();
+        hosts.sort();
+        (hosts, set.fingerprint, cache.last_load)
+    };
+    let reads = |read, unchanged| FileReads { read, unchanged };
+
+    let (hosts, fingerprint, files) = load(&mut cache);
+    assert_eq!(hosts, ["a1.test", "b1.test"]);
+    assert_eq!(files, reads(3, 0));
+    let (hosts, again, files) = load(&mut cache);
+    assert_eq!(hosts, ["a1.test", "b1.test"]);
+    assert_eq!((again, files), (fingerprint, reads(1, 2)));
+
+    // b edited in place to the same size: read, and read again while its change is recent.
+    std::fs::write(&b, service("b2")).unwrap();
+    for _ in 0..2 {
+        let (hosts, _, files) = load(&mut cache);
+        assert_eq!(hosts, ["a1.test", "b2.test"]);
+        assert_eq!(files, reads(2, 1));
+    }
+    // a replaced by content of the same size with its old modification time put back.
+    let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
+    std::fs::write(&a, service("a2")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let (hosts, _, _) = load(&mut cache);
+    assert_eq!(hosts, ["a2.test", "b2.test"]);
+
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (_, _, files) = load(&mut cache);
+    assert_eq!(
+        files,
+        reads(3, 0),
+        "a and b settled: read once more to be trusted"
+    );
+    let (_, _, files) = load(&mut cache);
+    assert_eq!(files, reads(1, 2));
+    cache.forget_files();
+    let (hosts, _, files) = load(&mut cache);
+    assert_eq!(hosts, ["a2.test", "b2.test"]);
+    assert_eq!(files, reads(3, 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A reload parses only what changed: unchanged documents are the very same parsed values, a
 /// changed one is new, and every document reports positions in the file as it is now.
 #[test]

@@ -131,7 +131,11 @@ impl Reloader {
             .lock()
             .map_err(|_| "a previous reload panicked".to_string())?;
         let started = std::time::Instant::now();
+        if force {
+            last.cache.forget_files();
+        }
         let loaded = sluice_core::load_paths_cached(&self.paths, &mut last.cache);
+        let reads = last.cache.last_file_reads();
         let loaded_in = started.elapsed();
         let unchanged =
             std::mem::replace(&mut last.fingerprint, loaded.fingerprint) == loaded.fingerprint;
@@ -192,10 +196,12 @@ impl Reloader {
                 let generation = self.live.apply(snapshot, tls);
                 info!(
                     "config reload ({trigger}) applied: generation {generation} in {} ms \
-                     (load and validate {} ms, compile {} ms)",
+                     (load and validate {} ms, compile {} ms; {} files read, {} unchanged)",
                     started.elapsed().as_millis(),
                     loaded_in.as_millis(),
                     (compiled_in - loaded_in).as_millis(),
+                    reads.read,
+                    reads.unchanged,
                 );
                 self.live.release_retired();
                 self.live.metrics.record_reload(true, generation);

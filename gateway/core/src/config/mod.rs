@@ -8,6 +8,8 @@
 //!
 //! A [`ParseCache`] carried from one load to the next keeps every typed document by its text: a
 //! reload parses only the documents that changed (parsing is most of a large config's load time).
+//! It also keeps each file that loaded cleanly by its identity on disk ([`FileIdentity`]): a file
+//! that has not changed since is not read again.
 
 pub mod istio;
 pub mod settings;
@@ -96,11 +98,87 @@ pub struct ConfigSet {
     pub fingerprint: u64,
 }
 
-/// Documents parsed by earlier loads, by their text. Give the same cache to every load of a config
-/// (reloads); each load keeps only the documents it saw, so the cache holds one config's worth.
+/// Documents parsed by earlier loads, by their text, and the files they came from. Give the same
+/// cache to every load of a config (reloads); each load keeps only the documents and files it saw,
+/// so the cache holds one config's worth.
 #[derive(Debug, Default)]
 pub struct ParseCache {
     documents: HashMap<TextKey, Parsed>,
+    files: HashMap<PathBuf, UnchangedFile>,
+    /// Files the last load read, and files it found unchanged and did not read.
+    pub last_load: FileReads,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FileReads {
+    pub read: usize,
+    pub unchanged: usize,
+}
+
+impl ParseCache {
+    /// The next load reads every file, changed or not (SIGHUP: "reload everything").
+    pub fn forget_files(&mut self) {
+        self.files.clear();
+    }
+}
+
+/// A file that loaded without a diagnostic, kept so that a load finding it unchanged can place its
+/// documents again without reading it.
+#[derive(Debug)]
+struct UnchangedFile {
+    identity: FileIdentity,
+    source: Arc<SourceFile>,
+    /// Its documents (blank ones left out), in order.
+    documents: Vec<PlacedDocument>,
+}
+
+#[derive(Debug, Clone)]
+struct PlacedDocument {
+    index: usize,
+    key: TextKey,
+    parsed: Parsed,
+}
+
+/// What tells that a file changed without reading it: device, inode (a file renamed into place is a
+/// new one), size, and modification and change times. The change time cannot be set back (`cp -p`
+/// and `touch -d` set only the modification time), and a file is trusted only once its last change
+/// is older than [`SETTLED`], so an edit made within the timestamps' granularity of an earlier
+/// read still shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+/// How long ago a file must have last changed for its identity to be trusted: far above the
+/// timestamp granularity of any local or network filesystem (1 s at worst).
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileIdentity {
+    /// The identity of `path`, if it can be trusted: `None` when the file cannot be read or changed
+    /// too recently.
+    fn settled(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path).ok()?;
+        let changed_at = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(metadata.ctime()).ok()?,
+                u32::try_from(metadata.ctime_nsec()).ok()?,
+            );
+        let settled = std::time::SystemTime::now()
+            .duration_since(changed_at)
+            .is_ok_and(|age| age >= SETTLED);
+        settled.then_some(Self {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            len: metadata.len(),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        })
+    }
 }
 
 /// A document's text, by a 64-bit hash and its length.
@@ -176,10 +254,37 @@ impl ConfigSet {
             earlier: std::mem::take(&mut cache.documents),
             now: HashMap::new(),
         };
+        let mut earlier_files = std::mem::take(&mut cache.files);
+        cache.last_load = FileReads::default();
         for file in expand_paths(paths, &mut diagnostics) {
+            // Taken before the read: a change during it shows as a different identity next time.
+            let identity = FileIdentity::settled(&file);
+            if let Some(unchanged) = identity.and_then(|identity| {
+                earlier_files
+                    .remove(&file)
+                    .filter(|earlier| earlier.identity == identity)
+            }) {
+                set.add_unchanged(&unchanged, &mut loader, &mut diagnostics);
+                cache.files.insert(file, unchanged);
+                cache.last_load.unchanged += 1;
+                continue;
+            }
+            cache.last_load.read += 1;
             match read_limited(&file) {
                 Ok(text) => {
-                    set.add_text(SourceFile::new(file, text), &mut loader, &mut diagnostics)
+                    let source = SourceFile::new(file.clone(), text);
+                    let reported = diagnostics.len();
+                    let documents = set.add_text(source.clone(), &mut loader, &mut diagnostics);
+                    // A file with anything to report is read again: its diagnostics come from
+                    // reading it.
+                    if let (Some(identity), true) = (identity, diagnostics.len() == reported) {
+                        let unchanged = UnchangedFile {
+                            identity,
+                            source,
+                            documents,
+                        };
+                        cache.files.insert(file, unchanged);
+                    }
                 }
                 Err(message) => diagnostics.push(Diagnostic::error(
                     &file,
@@ -209,25 +314,17 @@ impl ConfigSet {
         (set, diagnostics)
     }
 
+    /// Adds the documents of `file`, parsing those `loader` does not hold; returns them as placed.
     fn add_text(
         &mut self,
         file: Arc<SourceFile>,
         loader: &mut Loader,
         diagnostics: &mut Diagnostics,
-    ) {
-        // The fingerprint covers each document by its key and line rather than hashing the text a
-        // second time: what lies outside documents (`---` lines, blank documents) changes nothing
-        // that loads.
-        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
-        (self.fingerprint, file.path()).hash(&mut fingerprint);
-        self.fingerprint = fingerprint.finish();
-        self.files.push(file.path().to_path_buf());
+    ) -> Vec<PlacedDocument> {
+        let mut fingerprint = self.start_file(file.path());
+        let mut placed = Vec::new();
         let mut real_documents = 0;
         for document in 0..file.documents().len() {
-            let origin = Origin {
-                file: file.clone(),
-                document,
-            };
             let text = file.document_text(document);
             if is_blank_document(text) {
                 continue;
@@ -237,38 +334,30 @@ impl ConfigSet {
             let line = file.documents().get(document).map(|d| d.line_offset);
             (key, line).hash(&mut fingerprint);
             self.fingerprint = fingerprint.finish();
-            if let Some(parsed) = loader
+            let origin = Origin {
+                file: file.clone(),
+                document,
+            };
+            let parsed = match loader
                 .earlier
                 .remove(&key)
                 .or_else(|| loader.now.get(&key).cloned())
             {
-                self.place(parsed.clone(), origin, diagnostics);
-                loader.now.insert(key, parsed);
-                continue;
-            }
-            if let Some(at) = crate::source::flow_too_deep(text) {
-                diagnostics.push(Diagnostic::error(
-                    file.path(),
-                    origin.file_position(at.line, at.column),
-                    format!(
-                        "nesting is deeper than {} levels",
-                        crate::source::MAX_FLOW_DEPTH
-                    ),
-                ));
-                continue;
-            }
-            let header = peek_header(text).map_or_else(|| serde_yaml::from_str::<Header>(text), Ok);
-            let parsed = match header {
-                Ok(header) => parse_document(&origin, header, diagnostics),
-                Err(error) => {
-                    diagnostics.push(yaml_error(&origin, &error));
-                    None
+                Some(parsed) => parsed,
+                None => {
+                    let Some(parsed) = parse_text(&origin, text, diagnostics) else {
+                        continue;
+                    };
+                    parsed
                 }
             };
-            if let Some(parsed) = parsed {
-                self.place(parsed.clone(), origin, diagnostics);
-                loader.now.insert(key, parsed);
-            }
+            self.place(parsed.clone(), origin, diagnostics);
+            loader.now.insert(key, parsed.clone());
+            placed.push(PlacedDocument {
+                index: document,
+                key,
+                parsed,
+            });
         }
         if real_documents == 0 {
             diagnostics.push(Diagnostic::error(
@@ -277,6 +366,46 @@ impl ConfigSet {
                 "file holds no documents: expected at least one object with `apiVersion` and `kind`",
             ));
         }
+        placed
+    }
+
+    /// Adds the documents of a file that has not changed since a load placed them, as
+    /// [`Self::add_text`] did then.
+    fn add_unchanged(
+        &mut self,
+        file: &UnchangedFile,
+        loader: &mut Loader,
+        diagnostics: &mut Diagnostics,
+    ) {
+        let mut fingerprint = self.start_file(file.source.path());
+        for document in &file.documents {
+            let line = file
+                .source
+                .documents()
+                .get(document.index)
+                .map(|d| d.line_offset);
+            (document.key, line).hash(&mut fingerprint);
+            self.fingerprint = fingerprint.finish();
+            let origin = Origin {
+                file: file.source.clone(),
+                document: document.index,
+            };
+            loader.earlier.remove(&document.key);
+            self.place(document.parsed.clone(), origin, diagnostics);
+            loader.now.insert(document.key, document.parsed.clone());
+        }
+    }
+
+    /// Records the next file of the load; returns the fingerprint's hasher, to go on with its
+    /// documents. The fingerprint covers each document by its key and line rather than hashing
+    /// the text a second time: what lies outside documents (`---` lines, blank documents) changes
+    /// nothing that loads.
+    fn start_file(&mut self, path: &Path) -> std::collections::hash_map::DefaultHasher {
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        (self.fingerprint, path).hash(&mut fingerprint);
+        self.fingerprint = fingerprint.finish();
+        self.files.push(path.to_path_buf());
+        fingerprint
     }
 
     /// Adds a parsed document at `origin`.
@@ -320,6 +449,29 @@ impl ConfigSet {
             Parsed::ServiceEntry(m, s) => {
                 push(&mut self.service_entries, m, s, origin, diagnostics)
             }
+        }
+    }
+}
+
+/// Parses one document's text, reporting what is wrong with it.
+fn parse_text(origin: &Origin, text: &str, diagnostics: &mut Diagnostics) -> Option<Parsed> {
+    if let Some(at) = crate::source::flow_too_deep(text) {
+        diagnostics.push(Diagnostic::error(
+            origin.file.path(),
+            origin.file_position(at.line, at.column),
+            format!(
+                "nesting is deeper than {} levels",
+                crate::source::MAX_FLOW_DEPTH
+            ),
+        ));
+        return None;
+    }
+    let header = peek_header(text).map_or_else(|| serde_yaml::from_str::<Header>(text), Ok);
+    match header {
+        Ok(header) => parse_document(origin, header, diagnostics),
+        Err(error) => {
+            diagnostics.push(yaml_error(origin, &error));
+            None
         }
     }
 }
