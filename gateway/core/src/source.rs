@@ -66,6 +66,12 @@ impl SourceFile {
             .unwrap_or("")
     }
 
+    /// Whether positions inside the file were looked up, which indexes every document's paths
+    /// (many times the text's size).
+    pub fn is_indexed(&self) -> bool {
+        self.index.get().is_some()
+    }
+
     fn index(&self, document: usize) -> Option<&PathIndex> {
         self.index
             .get_or_init(|| {

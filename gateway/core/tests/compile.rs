@@ -281,7 +281,9 @@ fn a_tls_name_belongs_to_one_server_per_port() {
 #[test]
 fn unchanged_files_are_not_read_again_and_every_change_is_seen() {
     use sluice_core::config::{ConfigSet, FileReads, ParseCache};
-    let dir = std::env::temp_dir().join(format!("sluice-file-cache-{}", std::process::id()));
+    // Beside the build, on the checkout's (local) filesystem: identities are trusted only there.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sluice-file-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let service = |host: &str| {
@@ -353,9 +355,25 @@ fn unchanged_files_are_not_read_again_and_every_change_is_seen() {
     );
     let (_, _, files) = load(&mut cache);
     assert_eq!(files, reads(1, 2));
+    // Trusted, then a rewritten to the same size with its modification time put back, and left
+    // to settle: only its change time tells.
+    let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
+    std::fs::write(&a, service("a3")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (hosts, _, files) = load(&mut cache);
+    assert_eq!(hosts, ["a3.test", "b2.test"]);
+    assert_eq!(files, reads(2, 1));
+    let (_, _, files) = load(&mut cache);
+    assert_eq!(files, reads(1, 2));
     cache.forget_files();
     let (hosts, _, files) = load(&mut cache);
-    assert_eq!(hosts, ["a2.test", "b2.test"]);
+    assert_eq!(hosts, ["a3.test", "b2.test"]);
     assert_eq!(files, reads(3, 0));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -40,6 +40,7 @@ pub struct Reloader {
 }
 
 /// What the previous load leaves the next: its fingerprint (equal means nothing changed) and its
+/// caches: the files it read, by their identity on disk (unchanged ones are not read again), and its
 /// parsed documents and validated VirtualServices (only changed ones are parsed and validated again).
 struct LastLoad {
     fingerprint: u64,

@@ -94,7 +94,8 @@ pub struct ConfigSet {
     pub destination_rules: Vec<Document<istio::DestinationRuleSpec>>,
     pub service_entries: Vec<Document<istio::ServiceEntrySpec>>,
     pub files: Vec<PathBuf>,
-    /// Hash of every file's path and text: equal fingerprints mean nothing changed on disk.
+    /// Hash of every file's path and of each document's text and line: equal fingerprints mean the
+    /// config read the same (a file skipped as unchanged on disk counts as read again).
     pub fingerprint: u64,
 }
 
@@ -104,11 +105,12 @@ pub struct ConfigSet {
 #[derive(Debug, Default)]
 pub struct ParseCache {
     documents: HashMap<TextKey, Parsed>,
-    files: HashMap<PathBuf, UnchangedFile>,
+    files: HashMap<PathBuf, CachedFile>,
     /// Files the last load read, and files it found unchanged and did not read.
     pub last_load: FileReads,
 }
 
+/// How many files a load read, and how many it found unchanged on disk and did not read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FileReads {
     pub read: usize,
@@ -116,16 +118,17 @@ pub struct FileReads {
 }
 
 impl ParseCache {
-    /// The next load reads every file, changed or not (SIGHUP: "reload everything").
+    /// The next load reads every file, changed or not: for reloads that must not trust what is on
+    /// disk to be what was read (SIGHUP, the admin API, a certificate change, lost file events).
     pub fn forget_files(&mut self) {
         self.files.clear();
     }
 }
 
-/// A file that loaded without a diagnostic, kept so that a load finding it unchanged can place its
-/// documents again without reading it.
+/// A file as the last load read it, without a diagnostic, kept so that a load finding it unchanged
+/// on disk can place its documents again without reading it.
 #[derive(Debug)]
-struct UnchangedFile {
+struct CachedFile {
     identity: FileIdentity,
     source: Arc<SourceFile>,
     /// Its documents (blank ones left out), in order.
@@ -140,10 +143,14 @@ struct PlacedDocument {
 }
 
 /// What tells that a file changed without reading it: device, inode (a file renamed into place is a
-/// new one), size, and modification and change times. The change time cannot be set back (`cp -p`
-/// and `touch -d` set only the modification time), and a file is trusted only once its last change
-/// is older than [`SETTLED`], so an edit made within the timestamps' granularity of an earlier
-/// read still shows.
+/// new one), size, and modification and change times. It is trusted only where the change time
+/// is kept by this machine's kernel from this machine's clock (local filesystems, [`trusted_fs`]):
+/// there it cannot be set back (`cp -p`, `touch -d` and `rsync -t` restore only the modification
+/// time), and with the last change older than [`SETTLED`], a later edit, even one within the
+/// timestamps' granularity of the read, shows as a later change time. On NFS the server's clock
+/// stamps it, and FUSE filesystems may report the modification time for it: files there are read
+/// every time. A clock stepped back by more than [`SETTLED`] between an edit and the read before
+/// it could hide a same-size edit until the next one; SIGHUP reads everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileIdentity {
     device: u64,
@@ -153,16 +160,36 @@ struct FileIdentity {
     changed: (i64, i64),
 }
 
-/// How long ago a file must have last changed for its identity to be trusted: far above the
-/// timestamp granularity of any local or network filesystem (1 s at worst).
+/// How long ago a file must have last changed for its identity to be trusted: above the timestamp
+/// granularity of the local filesystems trusted (nanoseconds, or 1 s for ext4 with small inodes).
 const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Whether `path` lies on a local filesystem whose change times this machine's kernel keeps:
+/// ext2/3/4, XFS, Btrfs, tmpfs (Kubernetes secrets), overlayfs (containers).
+fn trusted_fs(path: &Path) -> bool {
+    use nix::sys::statfs::{
+        statfs, BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC,
+        XFS_SUPER_MAGIC,
+    };
+    let local = [
+        EXT4_SUPER_MAGIC,
+        XFS_SUPER_MAGIC,
+        BTRFS_SUPER_MAGIC,
+        TMPFS_MAGIC,
+        OVERLAYFS_SUPER_MAGIC,
+    ];
+    statfs(path).is_ok_and(|fs| local.contains(&fs.filesystem_type()))
+}
+
 impl FileIdentity {
-    /// The identity of `path`, if it can be trusted: `None` when the file cannot be read or changed
-    /// too recently.
+    /// The identity of `path`, if it can be trusted: `None` when it cannot be stat'ed, changed too
+    /// recently or lies on a filesystem not trusted.
     fn settled(path: &Path) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let metadata = std::fs::metadata(path).ok()?;
+        if !trusted_fs(path) {
+            return None;
+        }
         let changed_at = std::time::UNIX_EPOCH
             + std::time::Duration::new(
                 u64::try_from(metadata.ctime()).ok()?,
@@ -259,10 +286,12 @@ impl ConfigSet {
         for file in expand_paths(paths, &mut diagnostics) {
             // Taken before the read: a change during it shows as a different identity next time.
             let identity = FileIdentity::settled(&file);
+            // A file whose positions were looked up (for a warning) carries an index of every
+            // document: it is read again rather than kept with it.
             if let Some(unchanged) = identity.and_then(|identity| {
                 earlier_files
                     .remove(&file)
-                    .filter(|earlier| earlier.identity == identity)
+                    .filter(|earlier| earlier.identity == identity && !earlier.source.is_indexed())
             }) {
                 set.add_unchanged(&unchanged, &mut loader, &mut diagnostics);
                 cache.files.insert(file, unchanged);
@@ -278,7 +307,7 @@ impl ConfigSet {
                     // A file with anything to report is read again: its diagnostics come from
                     // reading it.
                     if let (Some(identity), true) = (identity, diagnostics.len() == reported) {
-                        let unchanged = UnchangedFile {
+                        let unchanged = CachedFile {
                             identity,
                             source,
                             documents,
@@ -373,7 +402,7 @@ impl ConfigSet {
     /// [`Self::add_text`] did then.
     fn add_unchanged(
         &mut self,
-        file: &UnchangedFile,
+        file: &CachedFile,
         loader: &mut Loader,
         diagnostics: &mut Diagnostics,
     ) {
