@@ -20,6 +20,18 @@ async fn backends(names: &[&str]) -> anyhow::Result<String> {
     Ok(yaml)
 }
 
+/// A gateway on `port` sending every host to one echo backend, `app`.
+async fn one_backend_gateway(port: u16) -> anyhow::Result<TestGateway> {
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    yaml += &virtual_service(
+        "app",
+        &["*"],
+        "  - route: [{destination: {host: app.svc}}]\n",
+    );
+    TestGateway::start(&yaml, &[port])
+}
+
 fn virtual_service(name: &str, hosts: &[&str], http: &str) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
     format!(
@@ -516,14 +528,7 @@ async fn h2c_prior_knowledge_is_proxied() -> anyhow::Result<()> {
 async fn short_requests_and_paused_keep_alive_connections_are_served() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = free_port();
-    let mut yaml = gateway_yaml(port, &["*"]);
-    yaml += &backends(&["app"]).await?;
-    yaml += &virtual_service(
-        "app",
-        &["*"],
-        "  - route: [{destination: {host: app.svc}}]\n",
-    );
-    let _gw = TestGateway::start(&yaml, &[port])?;
+    let _gw = one_backend_gateway(port).await?;
 
     // Shorter than the HTTP/2 preface: must not wait for 24 bytes that never come (h2c is on).
     let mut short = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -560,14 +565,7 @@ async fn short_requests_and_paused_keep_alive_connections_are_served() -> anyhow
 async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = free_port();
-    let mut yaml = gateway_yaml(port, &["*"]);
-    yaml += &backends(&["app"]).await?;
-    yaml += &virtual_service(
-        "app",
-        &["*"],
-        "  - route: [{destination: {host: app.svc}}]\n",
-    );
-    let _gw = TestGateway::start(&yaml, &[port])?;
+    let _gw = one_backend_gateway(port).await?;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
     let cases: [(&str, Vec<String>, Vec<&str>); 6] = [
         (
@@ -663,14 +661,7 @@ async fn idle_keep_alive_connections_close_after_a_minute_also_after_pipelining(
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = free_port();
-    let mut yaml = gateway_yaml(port, &["*"]);
-    yaml += &backends(&["app"]).await?;
-    yaml += &virtual_service(
-        "app",
-        &["*"],
-        "  - route: [{destination: {host: app.svc}}]\n",
-    );
-    let _gw = TestGateway::start(&yaml, &[port])?;
+    let _gw = one_backend_gateway(port).await?;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
     // Each connection: what it sends, how many answers it reads, then what it leaves unfinished.
     let connections = [

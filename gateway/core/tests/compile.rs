@@ -319,6 +319,17 @@ fn unchanged_files_are_not_read_again_and_every_change_is_seen() {
         (hosts, set.fingerprint, cache.last_load)
     };
     let reads = |read, unchanged| FileReads { read, unchanged };
+    // As `cp -p` or `touch -d` leave a file: new content, the old modification time.
+    let rewrite_keeping_modified = |path: &std::path::Path, text: &str| {
+        let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+        std::fs::write(path, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+    };
 
     let (hosts, fingerprint, files) = load(&mut cache);
     assert_eq!(hosts, ["a1.test", "b1.test"]);
@@ -335,14 +346,7 @@ fn unchanged_files_are_not_read_again_and_every_change_is_seen() {
         assert_eq!(files, reads(2, 1));
     }
     // a replaced by content of the same size with its old modification time put back.
-    let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
-    std::fs::write(&a, service("a2")).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&a)
-        .unwrap()
-        .set_modified(modified)
-        .unwrap();
+    rewrite_keeping_modified(&a, &service("a2"));
     let (hosts, _, _) = load(&mut cache);
     assert_eq!(hosts, ["a2.test", "b2.test"]);
 
@@ -357,14 +361,7 @@ fn unchanged_files_are_not_read_again_and_every_change_is_seen() {
     assert_eq!(files, reads(1, 2));
     // Trusted, then a rewritten to the same size with its modification time put back, and left
     // to settle: only its change time tells.
-    let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
-    std::fs::write(&a, service("a3")).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&a)
-        .unwrap()
-        .set_modified(modified)
-        .unwrap();
+    rewrite_keeping_modified(&a, &service("a3"));
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let (hosts, _, files) = load(&mut cache);
     assert_eq!(hosts, ["a3.test", "b2.test"]);
