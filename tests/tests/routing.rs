@@ -561,6 +561,69 @@ async fn short_requests_and_paused_keep_alive_connections_are_served() -> anyhow
     Ok(())
 }
 
+/// A request-target in absolute form (`GET http://host/path`, as clients configured to use a proxy
+/// send it) names the host (RFC 9112 3.2.2): it routes the request also when no Host header came,
+/// and the upstream receives the origin form with that host, as from Envoy. A Host header that
+/// names another host is refused (Pingora's rule, stricter than the RFC's "replace it"). Header
+/// names go on in lower case, as Envoy's do.
+#[tokio::test]
+async fn absolute_form_requests_route_by_their_target_and_reach_the_upstream_in_origin_form(
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["a", "b"]).await?;
+    yaml += &virtual_service(
+        "a",
+        &["a.example"],
+        "  - route: [{destination: {host: a.svc}}]\n",
+    );
+    yaml += &virtual_service(
+        "b",
+        &["b.example"],
+        "  - route: [{destination: {host: b.svc}}]\n",
+    );
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let connect = || async {
+        anyhow::Ok(tokio::io::BufReader::new(
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await?,
+        ))
+    };
+    let mut stream = connect().await?;
+    stream
+        .get_mut()
+        .write_all(
+            b"GET http://a.example:8080/x?y=1 HTTP/1.1\r\nX-Mixed-Case: kept\r\n\r\n\
+              GET http://b.example/plain HTTP/1.1\r\nHost: b.example\r\n\r\n",
+        )
+        .await?;
+    for (backend, path, host) in [("a", "/x", "a.example:8080"), ("b", "/plain", "b.example")] {
+        let (status, body) = read_http1_response(&mut stream).await?;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(echoed["backend"], backend, "{echoed}");
+        assert_eq!(echoed["path"], path);
+        assert_eq!(
+            echoed["target_authority"],
+            serde_json::Value::Null,
+            "{echoed}"
+        );
+        assert_eq!(echoed["headers"]["host"], host);
+        if backend == "a" {
+            assert_eq!(echoed["query"], "y=1");
+            assert_eq!(echoed["headers"]["x-mixed-case"], "kept");
+        }
+    }
+    let mut stream = connect().await?;
+    stream
+        .get_mut()
+        .write_all(b"GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n")
+        .await?;
+    let (status, _) = read_http1_response(&mut stream).await?;
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    Ok(())
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod dns;
 pub mod echo;
 pub mod files;
+pub mod headers;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -21,6 +21,10 @@ use pingora::{ErrorSource, ErrorType};
 use sluice_core::model::{Action, HeaderOps, UpstreamProtocol};
 use sluice_core::snapshot::{redirect_location, rewrite_path, RequestInfo, Route, RouteLookup};
 
+use crate::headers::{
+    self, apply_ops, X_ENVOY_EXTERNAL_ADDRESS, X_FORWARDED_CLIENT_CERT, X_FORWARDED_FOR,
+    X_FORWARDED_PROTO, X_REQUEST_ID,
+};
 use crate::metrics::{RequestKey, ResponseFlag};
 use crate::state::{Generation, Live};
 
@@ -31,11 +35,7 @@ pub struct GatewayProxy {
     pub tls: bool,
 }
 
-// Names Sluice reads on every request, parsed once. Inserts still pass `&'static str`: Pingora
-// parses the name again either way, and a `HeaderName` would cost it a copy of the name.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const PLAIN_TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// Longest client-supplied value put in a span tag (Envoy's default `max_path_tag_length`).
 const MAX_TAG_LENGTH: usize = 256;
@@ -96,22 +96,25 @@ async fn respond(
     status: u16,
     extra: Option<(header::HeaderName, HeaderValue)>,
     body: Bytes,
+    request_id: Option<&HeaderValue>,
     rules: Option<&HeaderOps>,
     live: &Live,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    let mut parts = headers::new_response(status, 5 + headers::added_by(rules))?;
+    let out = &mut parts.headers;
+    headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
+    headers::set(out, &header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
     if let Some((name, value)) = extra {
-        resp.insert_header(name, value)?;
+        headers::set(out, &name, value)?;
     }
-    if let Some(id) = session.req_header().headers.get(X_REQUEST_ID).cloned() {
-        resp.insert_header("x-request-id", id)?;
+    if let Some(id) = request_id {
+        headers::set(out, &X_REQUEST_ID, id.clone())?;
     }
     if let Some(rules) = rules {
-        apply_ops(&mut resp, rules)?;
+        apply_ops(out, rules)?;
     }
-    close_if_draining(session, &mut resp, live)?;
+    close_if_draining(session, out, live)?;
+    let resp = ResponseHeader::from(parts);
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(resp), body.is_empty() || head_only)
@@ -131,11 +134,19 @@ async fn respond_error(
     ctx: &RequestCtx,
 ) -> Result<()> {
     let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
-    resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.set_content_length(reason.len())?;
-    if let Some(id) = &ctx.request_id {
-        resp.insert_header("x-request-id", id.clone())?;
-    }
+    headers::edit_response(&mut resp, 3, |parts| {
+        let out = &mut parts.headers;
+        headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
+        headers::set(
+            out,
+            &header::CONTENT_LENGTH,
+            HeaderValue::from(reason.len()),
+        )?;
+        match &ctx.request_id {
+            Some(id) => headers::set(out, &X_REQUEST_ID, id.clone()),
+            None => Ok(()),
+        }
+    })?;
     session
         .as_downstream_mut()
         .write_error_response(resp, Bytes::from_static(reason.as_bytes()))
@@ -145,64 +156,22 @@ async fn respond_error(
 /// While draining, HTTP/1.1 responses say `Connection: close` so clients move to new connections
 /// (on other replicas, or the upgraded process) before listeners stop, instead of racing a close
 /// with their next request on an idle keep-alive connection. This is what Envoy does when draining.
-fn close_if_draining(session: &mut Session, resp: &mut ResponseHeader, live: &Live) -> Result<()> {
+fn close_if_draining(session: &mut Session, out: &mut HeaderMap, live: &Live) -> Result<()> {
     if live.is_closing() && !session.is_http2() {
-        resp.insert_header(header::CONNECTION, "close")?;
+        headers::set(out, &header::CONNECTION, HeaderValue::from_static("close"))?;
         session.set_keepalive(None);
     }
     Ok(())
 }
 
-/// Request and response headers are different Pingora types with the same three operations.
-trait EditHeaders {
-    fn remove(&mut self, name: &header::HeaderName);
-    fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()>;
-    fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()>;
-}
-
-/// Both header types have the same methods; one implementation serves them.
-macro_rules! edit_headers_for {
-    ($($header:ty),*) => {$(
-        impl EditHeaders for $header {
-            fn remove(&mut self, name: &header::HeaderName) {
-                self.remove_header(name);
-            }
-            fn set(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
-                self.insert_header(name.clone(), value.clone())
-            }
-            fn add(&mut self, name: &header::HeaderName, value: &HeaderValue) -> Result<()> {
-                self.append_header(name.clone(), value.clone()).map(|_| ())
-            }
-        }
-    )*};
-}
-
-edit_headers_for!(RequestHeader, ResponseHeader);
-
-/// Istio's order: remove, then set (replace), then add (append).
-fn apply_ops(headers: &mut impl EditHeaders, ops: &HeaderOps) -> Result<()> {
-    for name in &ops.remove {
-        headers.remove(name);
+/// The client's `x-request-id`, or a new random (version 4) UUID, as Envoy does, so a request can
+/// be followed through logs and upstreams. It is set on the upstream request and the response, not
+/// on the request as received: that map is sized to what arrived, and one more header would grow it.
+fn request_id(request: &HeaderMap) -> Result<HeaderValue> {
+    if let Some(id) = request.get(X_REQUEST_ID).filter(|v| !v.is_empty()) {
+        return Ok(id.clone());
     }
-    for (name, value) in &ops.set {
-        headers.set(name, value)?;
-    }
-    for (name, value) in &ops.add {
-        headers.add(name, value)?;
-    }
-    Ok(())
-}
-
-/// Keeps the client's `x-request-id`, or sets a new random (version 4) UUID, as Envoy does, so a
-/// request can be followed through logs and upstreams.
-fn ensure_request_id(req: &mut RequestHeader) -> Result<Option<HeaderValue>> {
-    if let Some(id) = req.headers.get(X_REQUEST_ID).filter(|v| !v.is_empty()) {
-        return Ok(Some(id.clone()));
-    }
-    let value = HeaderValue::from_bytes(&uuid_v4(fastrand::u128(..)))
-        .map_err(|_| fail("request id", 500))?;
-    req.insert_header("x-request-id", value.clone())?;
-    Ok(Some(value))
+    HeaderValue::from_bytes(&uuid_v4(fastrand::u128(..))).map_err(|_| fail("request id", 500))
 }
 
 /// `bits` as a version 4, RFC 4122 variant UUID in its 36-character text form. Written digit by
@@ -255,19 +224,19 @@ fn header_bytes(headers: &http::HeaderMap) -> usize {
 
 /// Removes `.`/`..` segments before routing (Istio's default path normalization), so the route that
 /// matches is the one for the path the upstream will serve.
-fn normalize_request_path(req: &mut RequestHeader) -> Result<()> {
-    let Some(path) = sluice_core::snapshot::normalize_path(req.uri.path()) else {
+fn normalize_request_path(uri: &mut http::Uri) -> Result<()> {
+    let Some(path) = sluice_core::snapshot::normalize_path(uri.path()) else {
         return Ok(());
     };
-    let path_and_query = match req.uri.query() {
+    let path_and_query = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let mut parts = req.uri.clone().into_parts();
+    let mut parts = uri.clone().into_parts();
     parts.path_and_query = path_and_query.parse().ok();
     match http::Uri::from_parts(parts) {
-        Ok(uri) => {
-            req.set_uri(uri);
+        Ok(normalized) => {
+            *uri = normalized;
             Ok(())
         }
         Err(_) => Err(Error::explain(ErrorType::HTTPStatus(400), "invalid path")),
@@ -419,6 +388,38 @@ impl GatewayProxy {
         queue.submit(span, &self.live);
     }
 
+    /// X-Forwarded-For: every line the client sent, in order, then the address Sluice saw; and
+    /// x-envoy-external-address: the client as `numTrustedProxies` says to believe it.
+    fn set_forwarded_for(&self, out: &mut HeaderMap, ip: IpAddr, ctx: &RequestCtx) -> Result<()> {
+        let mut sent = String::new();
+        for value in out.get_all(X_FORWARDED_FOR) {
+            if !sent.is_empty() {
+                sent.push_str(", ");
+            }
+            sent.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+        let trusted_hops = ctx
+            .generation
+            .as_ref()
+            .map_or(0, |g| g.snapshot.settings.num_trusted_proxies);
+        let external = trusted_client(&sent, trusted_hops).unwrap_or(ip);
+        // The usual case, a client without X-Forwarded-For, formats its address once for both.
+        let client = address_value(ip)?;
+        let external = if external == ip {
+            client.clone()
+        } else {
+            address_value(external)?
+        };
+        let forwarded = if sent.is_empty() {
+            client
+        } else {
+            HeaderValue::from_str(&format!("{sent}, {ip}"))
+                .map_err(|_| fail("x-forwarded-for", 400))?
+        };
+        headers::set(out, &X_FORWARDED_FOR, forwarded)?;
+        headers::set(out, &X_ENVOY_EXTERNAL_ADDRESS, external)
+    }
+
     fn scheme(&self) -> &'static str {
         if self.tls {
             "https"
@@ -477,15 +478,20 @@ impl GatewayProxy {
             .and_then(|s| s.identity.as_ref())
             .map(|identity| identity.xfcc.clone());
         let req = session.req_header_mut();
-        // Looked up first: removing a header that is not there still hashes it in both of
-        // Pingora's maps, and almost no request carries one.
-        if req.headers.contains_key(X_FORWARDED_CLIENT_CERT) {
-            req.remove_header(&X_FORWARDED_CLIENT_CERT);
+        if identity.is_none() && !req.headers.contains_key(X_FORWARDED_CLIENT_CERT) {
+            return Ok(());
         }
-        if let Some(xfcc) = identity {
-            req.insert_header("x-forwarded-client-cert", xfcc)?;
-        }
-        Ok(())
+        headers::edit_request(req, 1, |parts| match identity {
+            Some(xfcc) => {
+                let value =
+                    HeaderValue::try_from(xfcc).map_err(|_| fail("client certificate", 500))?;
+                headers::set(&mut parts.headers, &X_FORWARDED_CLIENT_CERT, value)
+            }
+            None => {
+                parts.headers.remove(X_FORWARDED_CLIENT_CERT);
+                Ok(())
+            }
+        })
     }
 }
 
@@ -506,8 +512,11 @@ impl ProxyHttp for GatewayProxy {
         ctx._in_flight = Some(self.live.request_started());
         ctx.started = Some(std::time::Instant::now());
         let generation = self.live.current();
-        normalize_request_path(session.req_header_mut())?;
-        ctx.request_id = ensure_request_id(session.req_header_mut())?;
+        // Once per request, so every later read and edit of it is of the plain map.
+        headers::edit_request(session.req_header_mut(), 0, |parts| {
+            normalize_request_path(&mut parts.uri)
+        })?;
+        ctx.request_id = Some(request_id(&session.req_header().headers)?);
         if let Some(tracing) = &generation.snapshot.settings.tracing {
             ctx.trace = Some(crate::spans::TraceContext::from_request(
                 &session.req_header().headers,
@@ -520,7 +529,17 @@ impl ProxyHttp for GatewayProxy {
         if !self.tls {
             if let Some(answer) = self.acme_http_answer(session, &generation).await {
                 ctx.generation = Some(generation);
-                respond(session, 200, None, Bytes::from(answer), None, &self.live).await?;
+                let id = ctx.request_id.as_ref();
+                respond(
+                    session,
+                    200,
+                    None,
+                    Bytes::from(answer),
+                    id,
+                    None,
+                    &self.live,
+                )
+                .await?;
                 return Ok(true);
             }
         }
@@ -533,6 +552,7 @@ impl ProxyHttp for GatewayProxy {
                     421,
                     None,
                     Bytes::from_static(reason.as_bytes()),
+                    ctx.request_id.as_ref(),
                     None,
                     &self.live,
                 )
@@ -608,7 +628,8 @@ impl ProxyHttp for GatewayProxy {
         match answer {
             Some((status, extra, body)) => {
                 let rules = ctx.route.as_ref().and_then(|r| r.response_headers());
-                respond(session, status, extra, body, rules, &self.live).await?;
+                let id = ctx.request_id.as_ref();
+                respond(session, status, extra, body, id, rules, &self.live).await?;
                 Ok(true)
             }
             None => Ok(false),
@@ -663,95 +684,77 @@ impl ProxyHttp for GatewayProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if let Some(ip) = client_ip(session) {
-            // Every X-Forwarded-For line the client sent, in order, then the address Sluice saw.
-            let mut sent = String::new();
-            for value in upstream_request.headers.get_all(X_FORWARDED_FOR) {
-                if !sent.is_empty() {
-                    sent.push_str(", ");
-                }
-                sent.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        let client = client_ip(session);
+        let route = ctx.route.as_deref();
+        let target_rules = ctx.target().and_then(|t| t.request_headers());
+        let route_rules = route.and_then(|r| r.request_headers());
+        let extra = 5
+            + usize::from(ctx.trace.is_some()) * crate::spans::PROPAGATED
+            + headers::added_by(target_rules)
+            + headers::added_by(route_rules);
+        headers::edit_request(upstream_request, extra, |request| {
+            let out = &mut request.headers;
+            if let Some(ip) = client {
+                self.set_forwarded_for(out, ip, ctx)?;
             }
-            let trusted_hops = ctx
-                .generation
-                .as_ref()
-                .map_or(0, |g| g.snapshot.settings.num_trusted_proxies);
-            let external = trusted_client(&sent, trusted_hops).unwrap_or(ip);
-            // The usual case, a client without X-Forwarded-For, formats its address once for both.
-            let client = address_value(ip)?;
-            let external = if external == ip {
-                client.clone()
-            } else {
-                address_value(external)?
-            };
-            let forwarded = if sent.is_empty() {
-                client
-            } else {
-                HeaderValue::from_str(&format!("{sent}, {ip}"))
-                    .map_err(|_| fail("x-forwarded-for", 400))?
-            };
-            upstream_request.insert_header("x-forwarded-for", forwarded)?;
-            upstream_request.insert_header("x-envoy-external-address", external)?;
-        }
-        upstream_request.insert_header("x-forwarded-proto", self.scheme())?;
-        if let (Some(trace), Some(generation)) = (&ctx.trace, &ctx.generation) {
-            let zipkin = matches!(
-                generation
-                    .snapshot
-                    .settings
-                    .tracing
-                    .as_ref()
-                    .map(|t| &t.collector),
-                Some(sluice_core::model::Collector::Zipkin(_))
-            );
-            trace.propagate(upstream_request, zipkin)?;
-        }
-        // An absolute-form request (`GET http://host/path`) is routed by its authority; the
-        // upstream must see that host too, as Envoy does.
-        if !session.is_http2() {
-            if let Some(authority) = upstream_request
-                .uri
-                .authority()
-                .map(|a| a.as_str().to_string())
-            {
-                upstream_request.insert_header(header::HOST, authority)?;
+            headers::set(
+                out,
+                &X_FORWARDED_PROTO,
+                HeaderValue::from_static(self.scheme()),
+            )?;
+            if let Some(id) = &ctx.request_id {
+                headers::set(out, &X_REQUEST_ID, id.clone())?;
             }
-        }
-        let Some(route) = ctx.route.as_ref() else {
-            return Ok(());
-        };
-        let rewrite = route.rewrite();
-        if let Some(uri_rewrite) = rewrite.and_then(|r| r.uri.as_ref()) {
-            let path = rewrite_path(
-                uri_rewrite,
-                upstream_request.uri.path(),
-                route.matched(ctx.matched),
-            );
-            let path_and_query = match upstream_request.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
+            if let (Some(trace), Some(generation)) = (&ctx.trace, &ctx.generation) {
+                let zipkin = matches!(
+                    generation
+                        .snapshot
+                        .settings
+                        .tracing
+                        .as_ref()
+                        .map(|t| &t.collector),
+                    Some(sluice_core::model::Collector::Zipkin(_))
+                );
+                trace.propagate(out, zipkin)?;
+            }
+            // An absolute-form request's host is its URI's authority (`headers::edit_request`);
+            // Pingora sets Host from it, or the authority from a Host rewrite, on the way out.
+            let Some(route) = route else {
+                return Ok(());
             };
-            match path_and_query.parse::<http::Uri>() {
-                Ok(uri) => upstream_request.set_uri(uri),
-                Err(_) => {
-                    warn!(
-                        "{}: rewrite produced an invalid path {path_and_query:?}",
-                        route.def.label
-                    );
-                    return Err(fail("rewrite produced an invalid path", 500));
+            let rewrite = route.rewrite();
+            if let Some(uri_rewrite) = rewrite.and_then(|r| r.uri.as_ref()) {
+                let path =
+                    rewrite_path(uri_rewrite, request.uri.path(), route.matched(ctx.matched));
+                let path_and_query = match request.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                match path_and_query.parse::<http::Uri>() {
+                    Ok(uri) => request.uri = uri,
+                    Err(_) => {
+                        warn!(
+                            "{}: rewrite produced an invalid path {path_and_query:?}",
+                            route.def.label
+                        );
+                        return Err(fail("rewrite produced an invalid path", 500));
+                    }
                 }
             }
-        }
-        if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref()) {
-            upstream_request.insert_header(header::HOST, authority.as_str())?;
-        }
-        if let Some(rules) = ctx.target().and_then(|t| t.request_headers()) {
-            apply_ops(upstream_request, rules)?;
-        }
-        if let Some(rules) = route.request_headers() {
-            apply_ops(upstream_request, rules)?;
-        }
-        Ok(())
+            let out = &mut request.headers;
+            if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref()) {
+                let host =
+                    HeaderValue::from_str(authority).map_err(|_| fail("rewrite authority", 500))?;
+                headers::set(out, &header::HOST, host)?;
+            }
+            if let Some(rules) = target_rules {
+                apply_ops(out, rules)?;
+            }
+            if let Some(rules) = route_rules {
+                apply_ops(out, rules)?;
+            }
+            Ok(())
+        })
     }
 
     async fn response_filter(
@@ -760,17 +763,26 @@ impl ProxyHttp for GatewayProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        close_if_draining(session, upstream_response, &self.live)?;
-        if let Some(id) = &ctx.request_id {
-            upstream_response.insert_header("x-request-id", id.clone())?;
-        }
-        if let Some(rules) = ctx.target().and_then(|t| t.response_headers()) {
-            apply_ops(upstream_response, rules)?;
-        }
-        if let Some(rules) = ctx.route.as_ref().and_then(|r| r.response_headers()) {
-            apply_ops(upstream_response, rules)?;
-        }
-        Ok(())
+        let target_rules = ctx.target().and_then(|t| t.response_headers());
+        let route_rules = ctx.route.as_ref().and_then(|r| r.response_headers());
+        let extra = 1
+            + usize::from(self.live.is_closing())
+            + headers::added_by(target_rules)
+            + headers::added_by(route_rules);
+        headers::edit_response(upstream_response, extra, |response| {
+            let out = &mut response.headers;
+            close_if_draining(session, out, &self.live)?;
+            if let Some(id) = &ctx.request_id {
+                headers::set(out, &X_REQUEST_ID, id.clone())?;
+            }
+            if let Some(rules) = target_rules {
+                apply_ops(out, rules)?;
+            }
+            if let Some(rules) = route_rules {
+                apply_ops(out, rules)?;
+            }
+            Ok(())
+        })
     }
 
     /// Metrics, once per request whatever happened to it.

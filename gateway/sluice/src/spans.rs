@@ -13,20 +13,31 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderMap;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use log::warn;
-use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::json;
 use sluice_core::model::{Collector, Tracing};
 use tokio::sync::mpsc;
 
+use crate::headers::{remove, set};
 use crate::state::Live;
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3: HeaderName = HeaderName::from_static("b3");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+/// Most headers `TraceContext::propagate` adds to a request.
+pub const PROPAGATED: usize = 5;
 
 /// Spans waiting for the collector before new ones are dropped.
 const QUEUE: usize = 8192;
@@ -202,38 +213,40 @@ impl TraceContext {
     }
 
     /// Tells the upstream that Sluice's span is its parent.
-    pub fn propagate(&self, request: &mut RequestHeader, zipkin: bool) -> pingora::Result<()> {
+    pub fn propagate(&self, request: &mut HeaderMap, zipkin: bool) -> pingora::Result<()> {
+        let text = |text: String| {
+            HeaderValue::try_from(text).map_err(|_| {
+                pingora::Error::explain(pingora::ErrorType::InternalError, "trace header")
+            })
+        };
         let flags = if self.sampled { "01" } else { "00" };
-        request.insert_header(
-            "traceparent",
-            format!("00-{}-{}-{flags}", self.trace_id_hex(), self.span_id_hex()),
-        )?;
+        let traceparent = format!("00-{}-{}-{flags}", self.trace_id_hex(), self.span_id_hex());
+        set(request, &TRACEPARENT, text(traceparent)?)?;
         // A tracestate without the traceparent it belonged to must not travel (W3C 3.3.1.1).
         if !self.w3c {
-            request.remove_header("tracestate");
+            remove(request, &TRACESTATE);
         }
         if self.b3 || zipkin {
-            request.remove_header("b3");
+            remove(request, &B3);
             let trace = if self.b3_short_trace {
                 format!("{:016x}", self.trace_id as u64)
             } else {
                 self.trace_id_hex()
             };
-            request.insert_header("x-b3-traceid", trace)?;
-            request.insert_header("x-b3-spanid", self.span_id_hex())?;
+            set(request, &X_B3_TRACEID, text(trace)?)?;
+            set(request, &X_B3_SPANID, text(self.span_id_hex())?)?;
             match self.parent_id_hex() {
-                Some(parent) => request.insert_header("x-b3-parentspanid", parent)?,
-                None => {
-                    request.remove_header("x-b3-parentspanid");
-                }
+                Some(parent) => set(request, &X_B3_PARENTSPANID, text(parent)?)?,
+                None => remove(request, &X_B3_PARENTSPANID),
             }
             if self.debug {
                 // Debug implies sampled; B3 says not to send both.
-                request.insert_header("x-b3-flags", "1")?;
-                request.remove_header("x-b3-sampled");
+                set(request, &X_B3_FLAGS, HeaderValue::from_static("1"))?;
+                remove(request, &X_B3_SAMPLED);
             } else {
-                request.remove_header("x-b3-flags");
-                request.insert_header("x-b3-sampled", if self.sampled { "1" } else { "0" })?;
+                remove(request, &X_B3_FLAGS);
+                let sampled = HeaderValue::from_static(if self.sampled { "1" } else { "0" });
+                set(request, &X_B3_SAMPLED, sampled)?;
             }
         }
         Ok(())

@@ -1,0 +1,268 @@
+//! Header edits on plain `http` maps.
+//!
+//! Pingora's `RequestHeader` and `ResponseHeader` keep, beside the `http::HeaderMap`, a second map
+//! with each name's case as it arrived. Each `insert_header` parses the name again and writes both
+//! maps, and neither can reserve room, so the few headers Sluice adds to every request cost more
+//! than routing it. Sluice writes names as Istio's Envoy does, in lower case (Pingora title-cases
+//! the standard ones, `Host`, `Content-Type`, …), so a header is taken apart once, its case map
+//! dropped, and edited as `http` parts with names parsed when the config was compiled.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{request, response, Uri};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use sluice_core::model::HeaderOps;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
+    HeaderName::from_static("x-envoy-external-address");
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Runs `edit` on `req`'s parts with room for `extra` more headers, and leaves `req` without its
+/// case map. The request target is kept as it would go on the wire, with one change: an
+/// absolute-form target (`GET http://host/path`) becomes the URI itself, so its authority routes
+/// the request (RFC 9112 3.2.2) and the upstream receives the origin form, as from Envoy.
+pub fn edit_request<T>(
+    req: &mut RequestHeader,
+    extra: usize,
+    edit: impl FnOnce(&mut request::Parts) -> Result<T>,
+) -> Result<T> {
+    let target = req.raw_path();
+    let round_trips = req.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(target);
+    let kept_target = (!round_trips).then(|| target.to_vec());
+    let send_end_stream = req.send_end_stream();
+    let mut parts = request::Parts::from(std::mem::replace(req, placeholder_request()));
+    let absolute = kept_target
+        .as_deref()
+        .and_then(|t| Uri::try_from(t).ok())
+        .filter(|uri| uri.authority().is_some());
+    let absolute_form = absolute.is_some();
+    if let Some(uri) = absolute {
+        parts.uri = uri;
+    }
+    // A target the URI cannot hold (not UTF-8, say) goes on as it came, unless `edit` replaces
+    // the URI.
+    let unheld = (kept_target.is_some() && !absolute_form).then(|| parts.uri.clone());
+    let result = try_reserve(&mut parts.headers, extra).and_then(|()| edit(&mut parts));
+    let restore = unheld.is_some_and(|before| before == parts.uri);
+    *req = RequestHeader::from(parts);
+    if let Some(end) = send_end_stream {
+        req.set_send_end_stream(end);
+    }
+    if let (true, Some(target)) = (restore, kept_target) {
+        req.set_raw_path(&target)?;
+    }
+    result
+}
+
+/// As `edit_request`, for a response; a reason phrase other than the status's own is kept.
+pub fn edit_response<T>(
+    resp: &mut ResponseHeader,
+    extra: usize,
+    edit: impl FnOnce(&mut response::Parts) -> Result<T>,
+) -> Result<T> {
+    let own_reason = resp
+        .get_reason_phrase()
+        .filter(|phrase| Some(*phrase) != resp.status.canonical_reason())
+        .map(str::to_owned);
+    let mut parts = response::Parts::from(std::mem::replace(
+        resp,
+        ResponseHeader::from(http::Response::new(()).into_parts().0),
+    ));
+    let result = try_reserve(&mut parts.headers, extra).and_then(|()| edit(&mut parts));
+    *resp = ResponseHeader::from(parts);
+    if own_reason.is_some() {
+        resp.set_reason_phrase(own_reason.as_deref())?;
+    }
+    result
+}
+
+/// A response of Sluice's own, with room for `capacity` headers.
+pub fn new_response(status: u16, capacity: usize) -> Result<response::Parts> {
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = http::StatusCode::from_u16(status)
+        .map_err(|_| Error::explain(ErrorType::InternalError, "invalid status"))?;
+    try_reserve(&mut parts.headers, capacity)?;
+    Ok(parts)
+}
+
+fn placeholder_request() -> RequestHeader {
+    RequestHeader::from(http::Request::new(()).into_parts().0)
+}
+
+fn too_many() -> Box<Error> {
+    Error::explain(ErrorType::InvalidHTTPHeader, "too many headers")
+}
+
+fn try_reserve(headers: &mut HeaderMap, extra: usize) -> Result<()> {
+    headers.try_reserve(extra).map_err(|_| too_many())
+}
+
+/// Replaces every value of `name`.
+pub fn set(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) -> Result<()> {
+    headers
+        .try_insert(name.clone(), value)
+        .map(drop)
+        .map_err(|_| too_many())
+}
+
+/// Adds a value to `name`, keeping those it has.
+pub fn add(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) -> Result<()> {
+    headers
+        .try_append(name.clone(), value)
+        .map(drop)
+        .map_err(|_| too_many())
+}
+
+/// Removes `name`, looked up first: a removal of a name that is not there still hashes it, and
+/// most requests carry none of the names removed.
+pub fn remove(headers: &mut HeaderMap, name: &HeaderName) {
+    if headers.contains_key(name) {
+        headers.remove(name);
+    }
+}
+
+/// Istio's order: remove, then set (replace), then add (append).
+pub fn apply_ops(headers: &mut HeaderMap, ops: &HeaderOps) -> Result<()> {
+    for name in &ops.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &ops.set {
+        set(headers, name, value.clone())?;
+    }
+    for (name, value) in &ops.add {
+        add(headers, name, value.clone())?;
+    }
+    Ok(())
+}
+
+/// How many headers `ops` may add, for `reserve`.
+pub fn added_by(ops: Option<&HeaderOps>) -> usize {
+    ops.map_or(0, |ops| ops.set.len() + ops.add.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(target: &[u8]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", target, None).unwrap();
+        req.insert_header("X-Mixed-Case", "1").unwrap();
+        req.insert_header("Host", "from-header").unwrap();
+        req
+    }
+
+    fn wire(req: &RequestHeader) -> String {
+        let mut buf = Vec::new();
+        req.header_to_h1_wire(&mut buf);
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn origin_form_keeps_its_target_and_loses_only_the_case() {
+        let mut req = parsed(b"/a/b?c=d");
+        edit_request(&mut req, 1, |parts| {
+            set(
+                &mut parts.headers,
+                &X_FORWARDED_PROTO,
+                HeaderValue::from_static("http"),
+            )
+        })
+        .unwrap();
+        assert_eq!(req.raw_path(), b"/a/b?c=d");
+        assert!(!req.has_case());
+        assert_eq!(
+            wire(&req),
+            "x-mixed-case: 1\r\nHost: from-header\r\nx-forwarded-proto: http\r\n"
+        );
+    }
+
+    #[test]
+    fn absolute_form_routes_by_its_authority_and_goes_on_in_origin_form() {
+        let mut req = parsed(b"http://target.example:8080/p?q=1");
+        assert_eq!(
+            req.uri.authority(),
+            None,
+            "Pingora keeps only the path in the URI"
+        );
+        edit_request(&mut req, 0, |_| Ok(())).unwrap();
+        assert_eq!(
+            req.uri.authority().map(|a| a.as_str()),
+            Some("target.example:8080")
+        );
+        assert_eq!(req.raw_path(), b"/p?q=1");
+    }
+
+    #[test]
+    fn a_target_the_uri_cannot_hold_goes_on_as_it_came() {
+        let mut req = parsed(b"/caf\xe9");
+        edit_request(&mut req, 0, |_| Ok(())).unwrap();
+        assert_eq!(req.raw_path(), b"/caf\xe9");
+        assert!(!req.raw_path_is_utf8());
+    }
+
+    #[test]
+    fn a_replaced_uri_wins_over_the_kept_target() {
+        let mut req = parsed(b"/caf\xe9");
+        edit_request(&mut req, 0, |parts| {
+            parts.uri = Uri::from_static("/new");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(req.raw_path(), b"/new");
+    }
+
+    #[test]
+    fn a_failed_edit_still_puts_the_header_back() {
+        let mut req = parsed(b"/x");
+        let failed = edit_request(&mut req, 0, |parts| -> Result<()> {
+            parts.headers.remove("host");
+            Err(too_many())
+        });
+        assert!(failed.is_err());
+        assert_eq!(req.raw_path(), b"/x");
+        assert_eq!(req.headers.get("x-mixed-case").unwrap(), "1");
+        assert!(req.headers.get("host").is_none());
+    }
+
+    #[test]
+    fn a_response_keeps_an_own_reason_phrase_and_drops_the_standard_one() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.set_reason_phrase(Some("Fine")).unwrap();
+        edit_response(&mut resp, 1, |parts| {
+            set(
+                &mut parts.headers,
+                &X_REQUEST_ID,
+                HeaderValue::from_static("id"),
+            )
+        })
+        .unwrap();
+        assert_eq!(resp.get_reason_phrase(), Some("Fine"));
+        assert_eq!(resp.headers.get(X_REQUEST_ID).unwrap(), "id");
+        let mut standard = ResponseHeader::build(404, None).unwrap();
+        edit_response(&mut standard, 0, |_| Ok(())).unwrap();
+        assert_eq!(standard.get_reason_phrase(), Some("Not Found"));
+    }
+
+    #[test]
+    fn ops_remove_then_set_then_add() {
+        let mut headers = HeaderMap::new();
+        headers.insert("a", HeaderValue::from_static("old"));
+        headers.insert("b", HeaderValue::from_static("old"));
+        let name = |n: &'static str| HeaderName::from_static(n);
+        let ops = HeaderOps {
+            remove: vec![name("a")],
+            set: vec![(name("b"), HeaderValue::from_static("set"))],
+            add: vec![
+                (name("b"), HeaderValue::from_static("added")),
+                (name("a"), HeaderValue::from_static("added")),
+            ],
+        };
+        apply_ops(&mut headers, &ops).unwrap();
+        let all = |n: &str| -> Vec<_> { headers.get_all(n).iter().cloned().collect() };
+        assert_eq!(all("a"), ["added"]);
+        assert_eq!(all("b"), ["set", "added"]);
+    }
+}
