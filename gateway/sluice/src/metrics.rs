@@ -13,6 +13,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use rustc_hash::FxBuildHasher;
 use sluice_core::model::ServiceKey;
 use sluice_core::snapshot::{Snapshot, UpstreamEndpoint};
 
@@ -469,7 +470,7 @@ struct RequestSeries {
 pub struct DestinationSeries {
     /// destination_service, _name, _namespace, _version.
     labels: [String; 4],
-    series: ArcSwap<HashMap<RequestKey, Arc<RequestSeries>>>,
+    series: ArcSwap<HashMap<RequestKey, Arc<RequestSeries>, FxBuildHasher>>,
     tcp: [IntCounter; 4],
 }
 
@@ -494,7 +495,7 @@ impl DestinationSeries {
         ];
         Self {
             labels,
-            series: ArcSwap::from_pointee(HashMap::new()),
+            series: ArcSwap::from_pointee(HashMap::default()),
             tcp,
         }
     }
@@ -509,9 +510,14 @@ impl DestinationSeries {
         request_bytes: usize,
         response_bytes: usize,
     ) {
-        let series = match self.series.load().get(&key) {
-            Some(series) => series.clone(),
-            None => self.resolve(metrics, key),
+        let known = self.series.load();
+        let resolved;
+        let series = match known.get(&key) {
+            Some(series) => series,
+            None => {
+                resolved = self.resolve(metrics, key);
+                &resolved
+            }
         };
         series.requests.inc();
         series.duration.observe(millis);
