@@ -294,7 +294,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<Echoed> {
 /// Reads one HTTP/1.1 response with a `content-length` body from a raw connection (for requests
 /// a client library would not send as written): its status line and body.
 pub async fn read_http1_response(
-    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    stream: &mut (impl tokio::io::AsyncBufRead + Unpin),
 ) -> Result<(String, Vec<u8>)> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let mut status = String::new();
@@ -648,4 +648,35 @@ pub fn tls_client(ca: &Path, hosts: &[&str], port: u16) -> Result<reqwest::Clien
         builder = builder.resolve(host, SocketAddr::from(([127, 0, 0, 1], port)));
     }
     Ok(builder)
+}
+
+/// A TLS connection to 127.0.0.1:`port` for `server_name`, trusting only `ca` (PEM file) and
+/// offering `alpn` (rustls, as a real client).
+pub async fn tls_connect(
+    ca: &Path,
+    server_name: &str,
+    port: u16,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    Ok(
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from(server_name.to_string())?,
+                tcp,
+            )
+            .await?,
+    )
 }

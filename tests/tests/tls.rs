@@ -792,22 +792,7 @@ async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
     let _gw = TestGateway::start(&yaml, &[port])?;
 
     // A real HTTP/2 client over TLS (ALPN h2), which exposes trailers.
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&ca)? {
-        roots.add(cert?)?;
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("grpc.test")?, tcp)
-        .await?;
+    let tls = tls_connect(&ca, "grpc.test", port, &[b"h2"]).await?;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, connection) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -831,6 +816,58 @@ async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
     assert_eq!(collected.to_bytes(), message);
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["grpc-message"], "echo from grpc-echo");
+    Ok(())
+}
+
+/// Requests pipelined over TLS (several in one record, and one sent while the previous is with the
+/// upstream) are answered in order, as over plain TCP.
+#[tokio::test]
+async fn pipelined_requests_over_tls_are_answered_in_order() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let ca = pki.ca("ca")?;
+    let (crt, key) = pki.leaf("site", "ca", &["DNS:a.test"], KeyType::Ecdsa, false)?;
+    let port = free_port();
+    let yaml = app_behind(&https_server(
+        port,
+        "a.test",
+        &format!(
+            "{{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}",
+            crt.display(),
+            key.display()
+        ),
+    ))
+    .await?;
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    let mut stream =
+        tokio::io::BufReader::new(tls_connect(&ca, "a.test", port, &[b"http/1.1"]).await?);
+    stream
+        .get_mut()
+        .write_all((get("/1") + &get("/2?sleep_ms=200") + &get("/3")).as_bytes())
+        .await?;
+    stream.get_mut().flush().await?;
+    for path in ["/1", "/2", "/3"] {
+        let (status, body) = read_http1_response(&mut stream).await?;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(echoed["path"], path);
+    }
+    stream
+        .get_mut()
+        .write_all(get("/slow?sleep_ms=300").as_bytes())
+        .await?;
+    stream.get_mut().flush().await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.get_mut().write_all(get("/next").as_bytes()).await?;
+    stream.get_mut().flush().await?;
+    for path in ["/slow", "/next"] {
+        let (status, body) = read_http1_response(&mut stream).await?;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(echoed["path"], path);
+    }
     Ok(())
 }
 
