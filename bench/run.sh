@@ -16,7 +16,7 @@
 #   idle      (f) memory per idle keep-alive connection (8,000 held open after one request each,
 #             then 1,000 over TLS) and Sluice's RSS at idle with the built-in demo config
 #   rate      (g) latency at one fixed request rate for every proxy (h2load --rps, connections
-#             started 1 ms apart): p50/p99/p99.9 added over direct to the upstream
+#             started 1 ms apart): p50/p99/p99.9 added over direct to the upstream; also over TLS
 #   reload    the 10,000-host config edited under load: time from the file write to the new route
 #             answering, and failed requests during the reloads
 #   gate      CI's check: a short (a) with nginx, bare Pingora (both allocators) and Sluice; fails
@@ -346,14 +346,14 @@ spread_load() {
   record "$key" "$proxy" $((after - before)) "${ok:-0}" "$(awk -v n="${ok:-0}" -v s=$seconds 'BEGIN { printf "%.0f", n/s }')"
 }
 
-# at_rate PROXY URL: h2load at $rate requests/s over 64 connections; latency percentiles only. The
+# at_rate KEY PROXY URL: h2load at $rate requests/s over 64 connections; latency percentiles only. The
 # connections start 1 ms apart: h2load paces each connection by its own timer, and 64 timers started
 # together send 64 requests at once, so the latency measured would be the wait behind that burst.
 at_rate() {
-  local proxy=$1 url=$2 ok r a b c
+  local key=$1 proxy=$2 url=$3 ok r a b c
   $load h2load --h1 -c 64 -m 1 -D 1 "$url" >/dev/null 2>&1 || true
   read -r ok r a b c <<<"$(load "$url" --h1 -c 64 -m 1 -r 1 --rate-period=1ms -n $((rate * seconds)) --rps=$(( (rate + 63) / 64 )))"
-  record rate "$proxy" 0 "$ok" "$r" "$a" "$b" "$c"
+  record "$key" "$proxy" 0 "$ok" "$r" "$a" "$b" "$c"
 }
 
 keys=()
@@ -404,13 +404,14 @@ for round in $(seq "$rounds"); do
   ((round % 2 == 0)) && order=($(printf '%s\n' "${proxies[@]}" | tac))
   for proxy in "${order[@]}"; do
     if want plain || want gate; then measure plain "$proxy" "http://127.0.0.1:${plain[$proxy]}/" --h1 -c 64 -m 1; fi
-    want rate && at_rate "$proxy" "http://127.0.0.1:${plain[$proxy]}/"
+    want rate && at_rate rate "$proxy" "http://127.0.0.1:${plain[$proxy]}/"
     [[ -n ${tls[$proxy]:-} ]] || continue
+    want rate && at_rate rate-tls "$proxy" "https://127.0.0.1:${tls[$proxy]}/"
     want tls && measure tls-h1 "$proxy" "https://127.0.0.1:${tls[$proxy]}/" --h1 -c 64 -m 1
     want tls && measure tls-h2 "$proxy" "https://127.0.0.1:${tls[$proxy]}/" -c 64 -m 1
     want handshake && handshakes handshake "$proxy" "${tls[$proxy]}"
   done
-  want rate && at_rate direct "http://127.0.0.1:$upstream/"
+  want rate && at_rate rate direct "http://127.0.0.1:$upstream/"
   if want plain; then read -r _ r _ <<<"$(load "http://127.0.0.1:$upstream/" --h1 -c 64 -m 1)"; rps[plain,direct]+="$r "; fi
   if want hosts; then
     # The same wrk load on both configs of each proxy: one host with one catch-all route (hosts-1),
@@ -453,13 +454,17 @@ if want hosts; then
 fi
 if want rate; then
   echo
-  echo "rate       $rate requests/s, 64 connections; latency in ms; added = proxy − direct"
+  echo "rate       $rate requests/s, 64 connections (rate-tls: HTTP/1.1 over TLS 1.3, connections set up"
+  echo "           before); latency in ms; added = proxy − direct (plain HTTP to the upstream)"
   d50=$(column_median p50 rate direct); d99=$(column_median p99 rate direct); d999=$(column_median p999 rate direct)
   printf '%-10s %-10s %8s %8s %8s %12s %12s\n' scenario proxy p50 p99 p99.9 "added p50" "added p99"
-  for proxy in direct "${proxies[@]}"; do
-    a=$(column_median p50 rate "$proxy"); b=$(column_median p99 rate "$proxy"); c=$(column_median p999 rate "$proxy")
-    printf '%-10s %-10s %8.2f %8.2f %8.2f %12s %12s\n' rate "$proxy" "$a" "$b" "$c" \
-      "$(awk -v x="$a" -v y="$d50" 'BEGIN { printf "%.2f", x-y }')" "$(awk -v x="$b" -v y="$d99" 'BEGIN { printf "%.2f", x-y }')"
+  for key in rate rate-tls; do
+    for proxy in direct "${proxies[@]}"; do
+      [[ -n ${p50[$key,$proxy]:-} ]] || continue
+      a=$(column_median p50 "$key" "$proxy"); b=$(column_median p99 "$key" "$proxy"); c=$(column_median p999 "$key" "$proxy")
+      printf '%-10s %-10s %8.2f %8.2f %8.2f %12s %12s\n' "$key" "$proxy" "$a" "$b" "$c" \
+        "$(awk -v x="$a" -v y="$d50" 'BEGIN { printf "%.2f", x-y }')" "$(awk -v x="$b" -v y="$d99" 'BEGIN { printf "%.2f", x-y }')"
+    done
   done
 fi
 if want split; then
