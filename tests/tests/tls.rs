@@ -788,6 +788,8 @@ async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
         upstream.port()
     ) + "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grpc}\nspec:\n\
          \x20 hosts: [grpc.test]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /echo.Echo/}}]\n\
+         \x20   route: [{destination: {host: grpc.svc}}]\n\
+         \x20 - match: [{uri: {prefix: /renamed.Echo/}}]\n    rewrite: {uri: /echo.Echo/}\n\
          \x20   route: [{destination: {host: grpc.svc}}]\n";
     let _gw = TestGateway::start(&yaml, &[port])?;
 
@@ -799,23 +801,26 @@ async fn grpc_over_h2_keeps_its_trailers_end_to_end() -> anyhow::Result<()> {
             .handshake(hyper_util::rt::TokioIo::new(tls))
             .await?;
     tokio::spawn(connection);
-    // One length-prefixed gRPC message: flag 0, length 5, "hello".
+    // One length-prefixed gRPC message: flag 0, length 5, "hello". The second path is rewritten,
+    // which must keep the request's authority: an HTTP/2 upstream cannot do without it.
     let message = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
-    let request = http::Request::post("https://grpc.test/echo.Echo/Say")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(message.clone()))?;
-    let response = sender.send_request(request).await?;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["content-type"], "application/grpc");
-    let collected = response.into_body().collect().await?;
-    let trailers = collected
-        .trailers()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no trailers arrived"))?;
-    assert_eq!(collected.to_bytes(), message);
-    assert_eq!(trailers["grpc-status"], "0");
-    assert_eq!(trailers["grpc-message"], "echo from grpc-echo");
+    for path in ["/echo.Echo/Say", "/renamed.Echo/Say"] {
+        let request = http::Request::post(format!("https://grpc.test{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(message.clone()))?;
+        let response = sender.send_request(request).await?;
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        let collected = response.into_body().collect().await?;
+        let trailers = collected
+            .trailers()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no trailers arrived"))?;
+        assert_eq!(collected.to_bytes(), message);
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["grpc-message"], "echo from grpc-echo");
+    }
     Ok(())
 }
 

@@ -87,7 +87,7 @@ async fn answer(
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
         "query": parts.uri.query(),
-        // Set only for an absolute-form request target (`GET http://host/path`).
+        // Over HTTP/1.1, set only for an absolute-form request target (`GET http://host/path`).
         "target_authority": parts.uri.authority().map(|a| a.as_str()),
         "version": format!("{:?}", parts.version),
         "headers": headers,

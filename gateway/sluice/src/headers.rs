@@ -7,8 +7,9 @@
 //! the standard ones, `Host`, `Content-Type`, …), so a header is taken apart once, its case map
 //! dropped, and edited as `http` parts with names parsed when the config was compiled.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{request, response, Uri};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, response};
+use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use sluice_core::model::HeaderOps;
@@ -21,32 +22,47 @@ pub const X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
 pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Runs `edit` on `req`'s parts with room for `extra` more headers, and leaves `req` without its
-/// case map. The request target is kept as it would go on the wire, with one change: an
-/// absolute-form target (`GET http://host/path`) becomes the URI itself, so its authority routes
-/// the request (RFC 9112 3.2.2) and the upstream receives the origin form, as from Envoy.
+/// case map. The request target goes on as it came, with one change: an absolute-form target
+/// (`GET http://host/path`, RFC 9112 3.2.2) goes upstream in origin form, as from Envoy. Pingora
+/// has already put only its path and query in the URI and checked its authority against any Host
+/// header; when no Host came, the authority becomes the Host, so the request routes by it.
 pub fn edit_request<T>(
     req: &mut RequestHeader,
     extra: usize,
     edit: impl FnOnce(&mut request::Parts) -> Result<T>,
 ) -> Result<T> {
     let target = req.raw_path();
-    let round_trips = req.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(target);
-    let kept_target = (!round_trips).then(|| target.to_vec());
+    let (host_from_target, kept_target) = match raw_target_authority(target) {
+        RawTargetAuthority::Absolute { authority, .. } if req.raw_path_is_utf8() => {
+            let host = match req.headers.contains_key(header::HOST) {
+                true => None,
+                false => Some(HeaderValue::from_bytes(authority).map_err(|_| {
+                    Error::explain(ErrorType::InvalidHTTPHeader, "invalid target authority")
+                })?),
+            };
+            (host, None)
+        }
+        // What the URI does not reproduce (a target that is not UTF-8, an opaque one) is kept.
+        _ => {
+            let round_trips =
+                req.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(target);
+            (None, (!round_trips).then(|| target.to_vec()))
+        }
+    };
     let send_end_stream = req.send_end_stream();
     let mut parts = request::Parts::from(std::mem::replace(req, placeholder_request()));
-    let absolute = kept_target
-        .as_deref()
-        .and_then(|t| Uri::try_from(t).ok())
-        .filter(|uri| uri.authority().is_some());
-    let absolute_form = absolute.is_some();
-    if let Some(uri) = absolute {
-        parts.uri = uri;
-    }
-    // A target the URI cannot hold (not UTF-8, say) goes on as it came, unless `edit` replaces
-    // the URI.
-    let unheld = (kept_target.is_some() && !absolute_form).then(|| parts.uri.clone());
-    let result = try_reserve(&mut parts.headers, extra).and_then(|()| edit(&mut parts));
-    let restore = unheld.is_some_and(|before| before == parts.uri);
+    let unedited_uri = kept_target.is_some().then(|| parts.uri.clone());
+    let result = try_reserve(
+        &mut parts.headers,
+        extra + usize::from(host_from_target.is_some()),
+    )
+    .and_then(|()| match host_from_target {
+        Some(host) => set(&mut parts.headers, &header::HOST, host),
+        None => Ok(()),
+    })
+    .and_then(|()| edit(&mut parts));
+    // A URI `edit` replaced is the target from now on.
+    let restore = unedited_uri.is_some_and(|before| before == parts.uri);
     *req = RequestHeader::from(parts);
     if let Some(end) = send_end_stream {
         req.set_send_end_stream(end);
@@ -180,19 +196,38 @@ mod tests {
     }
 
     #[test]
-    fn absolute_form_routes_by_its_authority_and_goes_on_in_origin_form() {
-        let mut req = parsed(b"http://target.example:8080/p?q=1");
-        assert_eq!(
-            req.uri.authority(),
-            None,
-            "Pingora keeps only the path in the URI"
-        );
+    fn absolute_form_goes_on_in_origin_form_its_authority_the_host_when_none_came() {
+        for (target, origin, host) in [
+            (
+                &b"http://target.example:8080/p?q=1"[..],
+                &b"/p?q=1"[..],
+                "target.example:8080",
+            ),
+            (b"http://target.example?q=1", b"/?q=1", "target.example"),
+            (b"http://target.example", b"/", "target.example"),
+        ] {
+            let mut req = RequestHeader::build("GET", target, None).unwrap();
+            edit_request(&mut req, 0, |_| Ok(())).unwrap();
+            assert_eq!(req.raw_path(), origin);
+            assert_eq!(
+                req.uri.authority(),
+                None,
+                "no scheme or authority in the URI"
+            );
+            assert_eq!(req.headers["host"], host);
+        }
+        let mut req = parsed(b"http://target.example/p");
         edit_request(&mut req, 0, |_| Ok(())).unwrap();
-        assert_eq!(
-            req.uri.authority().map(|a| a.as_str()),
-            Some("target.example:8080")
-        );
-        assert_eq!(req.raw_path(), b"/p?q=1");
+        assert_eq!(req.headers["host"], "from-header", "a Host that came stays");
+    }
+
+    #[test]
+    fn a_target_without_an_absolute_authority_goes_on_as_it_came() {
+        let mut req = parsed(b"evil.example:80");
+        edit_request(&mut req, 0, |_| Ok(())).unwrap();
+        assert_eq!(req.raw_path(), b"evil.example:80");
+        assert_eq!(req.uri.authority(), None);
+        assert_eq!(req.headers["host"], "from-header");
     }
 
     #[test]
@@ -207,7 +242,7 @@ mod tests {
     fn a_replaced_uri_wins_over_the_kept_target() {
         let mut req = parsed(b"/caf\xe9");
         edit_request(&mut req, 0, |parts| {
-            parts.uri = Uri::from_static("/new");
+            parts.uri = http::Uri::from_static("/new");
             Ok(())
         })
         .unwrap();
@@ -228,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn a_response_keeps_an_own_reason_phrase_and_drops_the_standard_one() {
+    fn a_response_keeps_its_status_and_its_own_reason_phrase() {
         let mut resp = ResponseHeader::build(200, None).unwrap();
         resp.set_reason_phrase(Some("Fine")).unwrap();
         edit_response(&mut resp, 1, |parts| {
@@ -241,9 +276,7 @@ mod tests {
         .unwrap();
         assert_eq!(resp.get_reason_phrase(), Some("Fine"));
         assert_eq!(resp.headers.get(X_REQUEST_ID).unwrap(), "id");
-        let mut standard = ResponseHeader::build(404, None).unwrap();
-        edit_response(&mut standard, 0, |_| Ok(())).unwrap();
-        assert_eq!(standard.get_reason_phrase(), Some("Not Found"));
+        assert_eq!(resp.status, 200);
     }
 
     #[test]

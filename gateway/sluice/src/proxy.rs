@@ -165,13 +165,29 @@ fn close_if_draining(session: &mut Session, out: &mut HeaderMap, live: &Live) ->
 }
 
 /// The client's `x-request-id`, or a new random (version 4) UUID, as Envoy does, so a request can
-/// be followed through logs and upstreams. It is set on the upstream request and the response, not
-/// on the request as received: that map is sized to what arrived, and one more header would grow it.
-fn request_id(request: &HeaderMap) -> Result<HeaderValue> {
-    if let Some(id) = request.get(X_REQUEST_ID).filter(|v| !v.is_empty()) {
+/// be followed through logs and upstreams.
+fn client_request_id(request: &HeaderMap) -> Option<&HeaderValue> {
+    request.get(X_REQUEST_ID).filter(|v| !v.is_empty())
+}
+
+/// Keeps the client's `x-request-id`, or sets a new one before routing (as Envoy does: routes may
+/// match on it).
+fn ensure_request_id(request: &mut HeaderMap) -> Result<HeaderValue> {
+    if let Some(id) = client_request_id(request) {
         return Ok(id.clone());
     }
-    HeaderValue::from_bytes(&uuid_v4(fastrand::u128(..))).map_err(|_| fail("request id", 500))
+    let value = HeaderValue::from_bytes(&uuid_v4(fastrand::u128(..)))
+        .map_err(|_| fail("request id", 500))?;
+    headers::set(request, &X_REQUEST_ID, value.clone())?;
+    Ok(value)
+}
+
+/// `uri` with another path and query, its scheme and authority kept: an HTTP/2 request's authority
+/// is in its URI, and an HTTP/2 upstream needs it.
+fn with_path_and_query(uri: &http::Uri, path_and_query: &str) -> Option<http::Uri> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// `bits` as a version 4, RFC 4122 variant UUID in its 36-character text form. Written digit by
@@ -232,14 +248,12 @@ fn normalize_request_path(uri: &mut http::Uri) -> Result<()> {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = path_and_query.parse().ok();
-    match http::Uri::from_parts(parts) {
-        Ok(normalized) => {
+    match with_path_and_query(uri, &path_and_query) {
+        Some(normalized) => {
             *uri = normalized;
             Ok(())
         }
-        Err(_) => Err(Error::explain(ErrorType::HTTPStatus(400), "invalid path")),
+        None => Err(Error::explain(ErrorType::HTTPStatus(400), "invalid path")),
     }
 }
 
@@ -513,10 +527,12 @@ impl ProxyHttp for GatewayProxy {
         ctx.started = Some(std::time::Instant::now());
         let generation = self.live.current();
         // Once per request, so every later read and edit of it is of the plain map.
-        headers::edit_request(session.req_header_mut(), 0, |parts| {
-            normalize_request_path(&mut parts.uri)
-        })?;
-        ctx.request_id = Some(request_id(&session.req_header().headers)?);
+        let request = session.req_header_mut();
+        let new_id = usize::from(client_request_id(&request.headers).is_none());
+        ctx.request_id = Some(headers::edit_request(request, new_id, |parts| {
+            normalize_request_path(&mut parts.uri)?;
+            ensure_request_id(&mut parts.headers)
+        })?);
         if let Some(tracing) = &generation.snapshot.settings.tracing {
             ctx.trace = Some(crate::spans::TraceContext::from_request(
                 &session.req_header().headers,
@@ -688,7 +704,7 @@ impl ProxyHttp for GatewayProxy {
         let route = ctx.route.as_deref();
         let target_rules = ctx.target().and_then(|t| t.request_headers());
         let route_rules = route.and_then(|r| r.request_headers());
-        let extra = 5
+        let extra = 4
             + usize::from(ctx.trace.is_some()) * crate::spans::PROPAGATED
             + headers::added_by(target_rules)
             + headers::added_by(route_rules);
@@ -702,9 +718,6 @@ impl ProxyHttp for GatewayProxy {
                 &X_FORWARDED_PROTO,
                 HeaderValue::from_static(self.scheme()),
             )?;
-            if let Some(id) = &ctx.request_id {
-                headers::set(out, &X_REQUEST_ID, id.clone())?;
-            }
             if let (Some(trace), Some(generation)) = (&ctx.trace, &ctx.generation) {
                 let zipkin = matches!(
                     generation
@@ -730,9 +743,9 @@ impl ProxyHttp for GatewayProxy {
                     Some(q) => format!("{path}?{q}"),
                     None => path,
                 };
-                match path_and_query.parse::<http::Uri>() {
-                    Ok(uri) => request.uri = uri,
-                    Err(_) => {
+                match with_path_and_query(&request.uri, &path_and_query) {
+                    Some(uri) => request.uri = uri,
+                    None => {
                         warn!(
                             "{}: rewrite produced an invalid path {path_and_query:?}",
                             route.def.label
