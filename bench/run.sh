@@ -454,8 +454,8 @@ if want hosts; then
 fi
 if want rate; then
   echo
-  echo "rate       $rate requests/s, 64 connections (rate-tls: HTTP/1.1 over TLS 1.3, connections set up"
-  echo "           before); latency in ms; added = proxy − direct (plain HTTP to the upstream)"
+  echo "rate       $rate requests/s, 64 connections (rate-tls: HTTP/1.1 over TLS 1.3; a handshake is not"
+  echo "           part of a request's latency); ms; added = proxy − direct (plain HTTP to the upstream)"
   d50=$(column_median p50 rate direct); d99=$(column_median p99 rate direct); d999=$(column_median p999 rate direct)
   printf '%-10s %-10s %8s %8s %8s %12s %12s\n' scenario proxy p50 p99 p99.9 "added p50" "added p99"
   for key in rate rate-tls; do

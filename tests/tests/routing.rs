@@ -898,9 +898,21 @@ async fn request_ids_and_trace_headers_travel_with_the_request() -> anyhow::Resu
         "ids",
         &["ids.test"],
         "  - match: [{uri: {prefix: /refused}}]\n    route: [{destination: {host: dead.svc}}]\n\
+         \x20 - match: [{uri: {prefix: /by-id}, headers: {x-request-id: {regex: \".{36}\"}}}]\n\
+         \x20   headers: {response: {set: {x-matched-by-id: \"yes\"}}}\n\
+         \x20   route: [{destination: {host: app.svc}}]\n\
          \x20 - route: [{destination: {host: app.svc}}]\n",
     );
     let _gw = TestGateway::start(&yaml, &[port])?;
+    // The id is there before routing, as in Envoy: a route can match the one Sluice generated.
+    let r = get(port, "ids.test", "/by-id").await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers.get("x-matched-by-id").map(|v| v.as_bytes()),
+        Some(&b"yes"[..]),
+        "{:?}",
+        r.headers
+    );
     // Sluice's own answers carry the id too: no route (404) and an upstream that refuses (503).
     for (host, path, status) in [("nothing.test", "/", 404), ("ids.test", "/refused", 503)] {
         let r = get(port, host, path).await?;

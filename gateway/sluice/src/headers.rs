@@ -132,14 +132,6 @@ pub fn add(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) -> Re
         .map_err(|_| too_many())
 }
 
-/// Removes `name`, looked up first: a removal of a name that is not there still hashes it, and
-/// most requests carry none of the names removed.
-pub fn remove(headers: &mut HeaderMap, name: &HeaderName) {
-    if headers.contains_key(name) {
-        headers.remove(name);
-    }
-}
-
 /// Istio's order: remove, then set (replace), then add (append).
 pub fn apply_ops(headers: &mut HeaderMap, ops: &HeaderOps) -> Result<()> {
     for name in &ops.remove {
@@ -154,7 +146,7 @@ pub fn apply_ops(headers: &mut HeaderMap, ops: &HeaderOps) -> Result<()> {
     Ok(())
 }
 
-/// How many headers `ops` may add, for `reserve`.
+/// How many headers `ops` may add, for the room `edit_request`/`edit_response` reserve.
 pub fn added_by(ops: Option<&HeaderOps>) -> usize {
     ops.map_or(0, |ops| ops.set.len() + ops.add.len())
 }

@@ -100,6 +100,7 @@ async fn respond(
     rules: Option<&HeaderOps>,
     live: &Live,
 ) -> Result<()> {
+    // Content type and length, `extra`, the request id, a draining close; and the route's rules.
     let mut parts = headers::new_response(status, 5 + headers::added_by(rules))?;
     let out = &mut parts.headers;
     headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
@@ -134,6 +135,7 @@ async fn respond_error(
     ctx: &RequestCtx,
 ) -> Result<()> {
     let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
+    // Content type and length, the request id.
     headers::edit_response(&mut resp, 3, |parts| {
         let out = &mut parts.headers;
         headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
@@ -164,14 +166,13 @@ fn close_if_draining(session: &mut Session, out: &mut HeaderMap, live: &Live) ->
     Ok(())
 }
 
-/// The client's `x-request-id`, or a new random (version 4) UUID, as Envoy does, so a request can
-/// be followed through logs and upstreams.
+/// The `x-request-id` the client sent, if any (an empty one counts as none).
 fn client_request_id(request: &HeaderMap) -> Option<&HeaderValue> {
     request.get(X_REQUEST_ID).filter(|v| !v.is_empty())
 }
 
-/// Keeps the client's `x-request-id`, or sets a new one before routing (as Envoy does: routes may
-/// match on it).
+/// Keeps the client's `x-request-id`, or sets a new random (version 4) UUID, so a request can be
+/// followed through logs and upstreams. Set before routing, as Envoy does: routes may match on it.
 fn ensure_request_id(request: &mut HeaderMap) -> Result<HeaderValue> {
     if let Some(id) = client_request_id(request) {
         return Ok(id.clone());
@@ -182,9 +183,13 @@ fn ensure_request_id(request: &mut HeaderMap) -> Result<HeaderValue> {
     Ok(value)
 }
 
-/// `uri` with another path and query, its scheme and authority kept: an HTTP/2 request's authority
-/// is in its URI, and an HTTP/2 upstream needs it.
-fn with_path_and_query(uri: &http::Uri, path_and_query: &str) -> Option<http::Uri> {
+/// `uri` with another path, its query, scheme and authority kept: an HTTP/2 request's authority is
+/// in its URI, and an HTTP/2 upstream needs it. `None` if the result is not a valid URI.
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(path_and_query.parse().ok()?);
     http::Uri::from_parts(parts).ok()
@@ -244,11 +249,7 @@ fn normalize_request_path(uri: &mut http::Uri) -> Result<()> {
     let Some(path) = sluice_core::snapshot::normalize_path(uri.path()) else {
         return Ok(());
     };
-    let path_and_query = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    match with_path_and_query(uri, &path_and_query) {
+    match with_path(uri, &path) {
         Some(normalized) => {
             *uri = normalized;
             Ok(())
@@ -526,7 +527,8 @@ impl ProxyHttp for GatewayProxy {
         ctx._in_flight = Some(self.live.request_started());
         ctx.started = Some(std::time::Instant::now());
         let generation = self.live.current();
-        // Once per request, so every later read and edit of it is of the plain map.
+        // First, so every later read and edit of the request is of the plain map (and routing
+        // sees the request id).
         let request = session.req_header_mut();
         let new_id = usize::from(client_request_id(&request.headers).is_none());
         ctx.request_id = Some(headers::edit_request(request, new_id, |parts| {
@@ -704,6 +706,8 @@ impl ProxyHttp for GatewayProxy {
         let route = ctx.route.as_deref();
         let target_rules = ctx.target().and_then(|t| t.request_headers());
         let route_rules = route.and_then(|r| r.request_headers());
+        // X-Forwarded-For, the external address, the scheme, a rewritten Host; then trace context
+        // and the rules.
         let extra = 4
             + usize::from(ctx.trace.is_some()) * crate::spans::PROPAGATED
             + headers::added_by(target_rules)
@@ -730,8 +734,7 @@ impl ProxyHttp for GatewayProxy {
                 );
                 trace.propagate(out, zipkin)?;
             }
-            // An absolute-form request's host is its URI's authority (`headers::edit_request`);
-            // Pingora sets Host from it, or the authority from a Host rewrite, on the way out.
+            // An absolute-form request's authority is its Host by now (`headers::edit_request`).
             let Some(route) = route else {
                 return Ok(());
             };
@@ -739,15 +742,11 @@ impl ProxyHttp for GatewayProxy {
             if let Some(uri_rewrite) = rewrite.and_then(|r| r.uri.as_ref()) {
                 let path =
                     rewrite_path(uri_rewrite, request.uri.path(), route.matched(ctx.matched));
-                let path_and_query = match request.uri.query() {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path,
-                };
-                match with_path_and_query(&request.uri, &path_and_query) {
+                match with_path(&request.uri, &path) {
                     Some(uri) => request.uri = uri,
                     None => {
                         warn!(
-                            "{}: rewrite produced an invalid path {path_and_query:?}",
+                            "{}: rewrite produced an invalid path {path:?}",
                             route.def.label
                         );
                         return Err(fail("rewrite produced an invalid path", 500));
@@ -778,6 +777,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         let target_rules = ctx.target().and_then(|t| t.response_headers());
         let route_rules = ctx.route.as_ref().and_then(|r| r.response_headers());
+        // The request id, a draining close; then the rules.
         let extra = 1
             + usize::from(self.live.is_closing())
             + headers::added_by(target_rules)

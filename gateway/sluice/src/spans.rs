@@ -25,7 +25,7 @@ use serde_json::json;
 use sluice_core::model::{Collector, Tracing};
 use tokio::sync::mpsc;
 
-use crate::headers::{remove, set};
+use crate::headers::set;
 use crate::state::Live;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -224,10 +224,10 @@ impl TraceContext {
         set(request, &TRACEPARENT, text(traceparent)?)?;
         // A tracestate without the traceparent it belonged to must not travel (W3C 3.3.1.1).
         if !self.w3c {
-            remove(request, &TRACESTATE);
+            request.remove(&TRACESTATE);
         }
         if self.b3 || zipkin {
-            remove(request, &B3);
+            request.remove(&B3);
             let trace = if self.b3_short_trace {
                 format!("{:016x}", self.trace_id as u64)
             } else {
@@ -237,14 +237,16 @@ impl TraceContext {
             set(request, &X_B3_SPANID, text(self.span_id_hex())?)?;
             match self.parent_id_hex() {
                 Some(parent) => set(request, &X_B3_PARENTSPANID, text(parent)?)?,
-                None => remove(request, &X_B3_PARENTSPANID),
+                None => {
+                    request.remove(&X_B3_PARENTSPANID);
+                }
             }
             if self.debug {
                 // Debug implies sampled; B3 says not to send both.
                 set(request, &X_B3_FLAGS, HeaderValue::from_static("1"))?;
-                remove(request, &X_B3_SAMPLED);
+                request.remove(&X_B3_SAMPLED);
             } else {
-                remove(request, &X_B3_FLAGS);
+                request.remove(&X_B3_FLAGS);
                 let sampled = HeaderValue::from_static(if self.sampled { "1" } else { "0" });
                 set(request, &X_B3_SAMPLED, sampled)?;
             }
