@@ -228,7 +228,8 @@ pub enum UriRewrite {
 #[derive(Debug, Clone, Default)]
 pub struct Rewrite {
     pub uri: Option<UriRewrite>,
-    pub authority: Option<String>,
+    /// The Host to send, ready to go on the wire.
+    pub authority: Option<HeaderValue>,
 }
 
 /// Where one weighted share of a route's traffic goes.

@@ -2272,16 +2272,17 @@ impl Validator<'_> {
             );
             return None;
         }
-        if let Some(authority) = &rewrite.authority {
-            if HeaderValue::from_str(authority).is_err() || authority.is_empty() {
-                self.error(at(&format!("{base}.authority")), "not a valid authority");
-                return None;
-            }
-        }
-        Some(Rewrite {
-            uri,
-            authority: rewrite.authority.clone(),
-        })
+        let authority = match &rewrite.authority {
+            Some(authority) => match HeaderValue::from_str(authority) {
+                Ok(value) if !authority.is_empty() => Some(value),
+                _ => {
+                    self.error(at(&format!("{base}.authority")), "not a valid authority");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        Some(Rewrite { uri, authority })
     }
 
     fn redirect(

@@ -755,9 +755,7 @@ impl ProxyHttp for GatewayProxy {
             }
             let out = &mut request.headers;
             if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref()) {
-                let host =
-                    HeaderValue::from_str(authority).map_err(|_| fail("rewrite authority", 500))?;
-                headers::set(out, &header::HOST, host)?;
+                headers::set(out, &header::HOST, authority.clone())?;
             }
             if let Some(rules) = target_rules {
                 apply_ops(out, rules)?;
