@@ -40,6 +40,7 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("duplicate names", format!("{HEAD}apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: gw #<\nspec:\n  servers:\n  - port: {{number: 8081, protocol: HTTP}}\n    hosts: [b]\n"), "duplicate Gateway `default/gw`"),
         ("route and redirect", vs("  - redirect: {uri: /x} #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "conflicting actions route + redirect"),
         ("no action", vs("  - match: [{uri: {prefix: /}}] #<\n") + ENTRY, "needs one of `route`"),
+        ("rewrite authority empty", vs("  - rewrite:\n      authority: \"\" #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "not a valid authority"),
         ("rewrite with redirect", vs("  - redirect: {uri: /x}\n    rewrite: #<\n      uri: /y\n") + ENTRY, "`rewrite` only applies to `route`"),
         ("unknown kind", "apiVersion: networking.istio.io/v1\nkind: Gatewy #<\nmetadata: {name: gw}\n".into(), "unknown kind `Gatewy`"),
         ("bad apiVersion", "apiVersion: networking.istio.io/v2 #<\nkind: Gateway\nmetadata: {name: gw}\n".into(), "apiVersion `networking.istio.io/v2` is not known"),
