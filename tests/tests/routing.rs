@@ -632,6 +632,183 @@ async fn absolute_form_requests_route_by_their_target_and_reach_the_upstream_in_
 }
 
 #[tokio::test]
+async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checked(
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let port = free_port();
+    let _gw = one_backend_gateway(port).await?;
+    let exchange = |head: String, body: &'static [u8]| async move {
+        let mut stream =
+            tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        stream.get_mut().write_all(&request).await?;
+        let (status, body) = read_http1_response(&mut stream).await?;
+        anyhow::Ok((status, body))
+    };
+    let head = |method: &str, fields: &str| {
+        format!("{method} /p HTTP/1.1\r\nHost: a.test\r\n{fields}\r\n")
+    };
+
+    let (status, body) = exchange(
+        head(
+            "GET",
+            "Connection: x-foo, Keep-Alive\r\nConnection: x-baz\r\nX-Foo: 1\r\nX-Baz: 1\r\n\
+             Keep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x-checksum\r\n\
+             Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nX-Bar: 2\r\n",
+        ),
+        b"",
+    )
+    .await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+    let received = &echoed["headers"];
+    for name in [
+        "connection",
+        "x-foo",
+        "x-baz",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "proxy-authorization",
+        "upgrade",
+        "http2-settings",
+    ] {
+        assert_eq!(
+            received[name],
+            serde_json::Value::Null,
+            "{name}: {received}"
+        );
+    }
+    assert_eq!(received["x-bar"], "2", "an end-to-end field goes on");
+
+    // The chunked framing is the client's hop: the body still arrives, framed anew.
+    let (status, body) = exchange(
+        head("POST", "Transfer-Encoding: chunked\r\n"),
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let echoed: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(echoed["body_bytes"], 11, "{echoed}");
+
+    let nine = "Connection: a, b, c, d, e, f, g, h, i\r\n";
+    assert_eq!(exchange(head("GET", nine), b"").await?.0, "HTTP/1.1 200 OK");
+    for (fields, reason) in [
+        (
+            "Connection: Host\r\n",
+            "Connection names a field the gateway must forward\n",
+        ),
+        (
+            "Connection: keep-alive, X-Forwarded-For\r\n",
+            "Connection names a field the gateway must forward\n",
+        ),
+        (
+            "Connection: x-request-id\r\n",
+            "Connection names a field the gateway must forward\n",
+        ),
+        ("Connection: \"x-foo\"\r\n", "invalid Connection option\n"),
+        ("Connection: :authority\r\n", "invalid Connection option\n"),
+        (
+            "Connection: a, b, c, d, e, f, g, h, i, j\r\n",
+            "too many Connection options\n",
+        ),
+    ] {
+        let (status, body) = exchange(head("GET", fields), b"").await?;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{fields}");
+        assert_eq!(String::from_utf8_lossy(&body), reason, "{fields}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_websocket_handshake_reaches_the_upstream_and_the_connection_becomes_a_tunnel(
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    // A WebSocket upstream at the byte level: it answers the handshake, then echoes what it reads.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let upstream = listener.local_addr()?;
+    let (head_seen, upstream_head) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            if stream.read_line(&mut head).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+        let _ = head_seen.send(head);
+        let handshake = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                          Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        if stream.get_mut().write_all(handshake).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            let mut echo = b"echo:".to_vec();
+            echo.extend_from_slice(&buf[..n]);
+            if stream.get_mut().write_all(&echo).await.is_err() {
+                return;
+            }
+        }
+    });
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &service_entry_yaml("ws", "ws.svc", &[(upstream, "")]);
+    yaml += &virtual_service("ws", &["*"], "  - route: [{destination: {host: ws.svc}}]\n");
+    let _gw = TestGateway::start(&yaml, &[port])?;
+
+    let mut client =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    client
+        .get_mut()
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\n\
+              Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await?;
+    let mut response = String::new();
+    while !response.ends_with("\r\n\r\n") {
+        anyhow::ensure!(
+            client.read_line(&mut response).await? > 0,
+            "closed: {response}"
+        );
+    }
+    assert!(response.starts_with("HTTP/1.1 101 "), "{response}");
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{response}");
+    assert!(
+        lower.contains("\r\nsec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{response}"
+    );
+
+    let head = tokio::time::timeout(Duration::from_secs(10), upstream_head).await??;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(
+        lower.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"),
+        "{head}"
+    );
+
+    // Bytes both ways, including ones that look like a request: a tunnel, not HTTP any more.
+    for message in [&b"hello"[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"bye"] {
+        client.get_mut().write_all(message).await?;
+        let mut echoed = vec![0u8; 5 + message.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed)).await??;
+        assert_eq!(&echoed[..5], b"echo:");
+        assert_eq!(&echoed[5..], message);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn pipelined_requests_are_answered_in_order() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let port = free_port();

@@ -16,7 +16,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::ALPN;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, HttpUpstreamRequestPolicy};
 use pingora::{ErrorSource, ErrorType};
 use sluice_core::model::{Action, HeaderOps, UpstreamProtocol};
 use sluice_core::snapshot::{redirect_location, rewrite_path, RequestInfo, Route, RouteLookup};
@@ -687,6 +687,8 @@ impl ProxyHttp for GatewayProxy {
             None => HttpPeer::new(addr, false, String::new()),
         };
         peer.options.connection_timeout = Some(crate::upstream::CONNECT_TIMEOUT);
+        // Hop-by-hop fields are stripped in `upstream_request_filter`, on the plain map.
+        peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::preserve();
         if cluster.protocol == UpstreamProtocol::Http2 {
             // HTTP/2 only: over TLS by ALPN, in plaintext with prior knowledge (h2c), as gRPC
             // backends expect.
@@ -703,6 +705,13 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let client = client_ip(session);
+        // Pingora has set the version the upstream speaks. Between two HTTP/2 hops nothing is
+        // hop-by-hop (HTTP/2 forbids those fields; `te: trailers` is gRPC's and goes on).
+        let downstream_version = session.req_header().version;
+        let upstream_h1 = upstream_request.version != http::Version::HTTP_2;
+        let strip = upstream_h1 || downstream_version != http::Version::HTTP_2;
+        let websocket_allowed = upstream_h1 && downstream_version == http::Version::HTTP_11;
+        let mut refused = None;
         let route = ctx.route.as_deref();
         let target_rules = ctx.target().and_then(|t| t.request_headers());
         let route_rules = route.and_then(|r| r.request_headers());
@@ -712,8 +721,14 @@ impl ProxyHttp for GatewayProxy {
             + usize::from(ctx.trace.is_some()) * crate::spans::PROPAGATED
             + headers::added_by(target_rules)
             + headers::added_by(route_rules);
-        headers::edit_request(upstream_request, extra, |request| {
+        let edited = headers::edit_request(upstream_request, extra, |request| {
             let out = &mut request.headers;
+            if strip {
+                if let Err(reason) = headers::strip_hop_by_hop(out, websocket_allowed) {
+                    refused = Some(reason);
+                    return Err(fail(reason, 400));
+                }
+            }
             if let Some(ip) = client {
                 self.set_forwarded_for(out, ip, ctx)?;
             }
@@ -764,7 +779,11 @@ impl ProxyHttp for GatewayProxy {
                 apply_ops(out, rules)?;
             }
             Ok(())
-        })
+        });
+        if refused.is_some() {
+            ctx.failure = refused;
+        }
+        edited
     }
 
     async fn response_filter(
