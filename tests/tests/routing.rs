@@ -669,7 +669,6 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
         "x-foo",
         "x-baz",
         "keep-alive",
-        "te",
         "trailer",
         "proxy-connection",
         "proxy-authorization",
@@ -683,6 +682,7 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
         );
     }
     assert_eq!(received["x-bar"], "2", "an end-to-end field goes on");
+    assert_eq!(received["te"], "trailers", "as Envoy forwards it");
 
     // The chunked framing is the client's hop: the body still arrives, framed anew.
     let (status, body) = exchange(
@@ -709,6 +709,10 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
             "Connection: x-request-id\r\n",
             "Connection names a field the gateway must forward\n",
         ),
+        (
+            "Connection: X-Forwarded-Client-Cert\r\n",
+            "Connection names a field the gateway must forward\n",
+        ),
         ("Connection: \"x-foo\"\r\n", "invalid Connection option\n"),
         ("Connection: :authority\r\n", "invalid Connection option\n"),
         (
@@ -727,41 +731,72 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
 async fn a_websocket_handshake_reaches_the_upstream_and_the_connection_becomes_a_tunnel(
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    // A WebSocket upstream at the byte level: it answers the handshake, then echoes what it reads.
+    // A WebSocket upstream at the byte level: it answers a handshake, then echoes what it reads;
+    // any other request gets a plain answer.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let upstream = listener.local_addr()?;
-    let (head_seen, upstream_head) = tokio::sync::oneshot::channel::<String>();
+    let (head_seen, mut upstream_heads) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        let mut stream = tokio::io::BufReader::new(stream);
-        let mut head = String::new();
-        while !head.ends_with("\r\n\r\n") {
-            if stream.read_line(&mut head).await.unwrap_or(0) == 0 {
-                return;
-            }
-        }
-        let _ = head_seen.send(head);
-        let handshake = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                          Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-        if stream.get_mut().write_all(handshake).await.is_err() {
-            return;
-        }
-        let mut buf = [0u8; 1024];
-        while let Ok(n @ 1..) = stream.read(&mut buf).await {
-            let mut echo = b"echo:".to_vec();
-            echo.extend_from_slice(&buf[..n]);
-            if stream.get_mut().write_all(&echo).await.is_err() {
-                return;
-            }
+        while let Ok((stream, _)) = listener.accept().await {
+            let head_seen = head_seen.clone();
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                let mut head = String::new();
+                while !head.ends_with("\r\n\r\n") {
+                    if stream.read_line(&mut head).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                let handshake = head
+                    .to_ascii_lowercase()
+                    .contains("\r\nupgrade: websocket\r\n");
+                let _ = head_seen.send(head);
+                if !handshake {
+                    let plain =
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nplain";
+                    let _ = stream.get_mut().write_all(plain).await;
+                    return;
+                }
+                let handshake = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                                  Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if stream.get_mut().write_all(handshake).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    let mut echo = b"echo:".to_vec();
+                    echo.extend_from_slice(&buf[..n]);
+                    if stream.get_mut().write_all(&echo).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
     });
+    let mut next_upstream_head = async || {
+        let head = tokio::time::timeout(Duration::from_secs(10), upstream_heads.recv()).await?;
+        anyhow::Ok(head.unwrap_or_default().to_ascii_lowercase())
+    };
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);
     yaml += &service_entry_yaml("ws", "ws.svc", &[(upstream, "")]);
     yaml += &virtual_service("ws", &["*"], "  - route: [{destination: {host: ws.svc}}]\n");
     let _gw = TestGateway::start(&yaml, &[port])?;
+
+    // `Upgrade: websocket` without the `upgrade` option is not a handshake: a plain request.
+    let mut client =
+        tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    client
+        .get_mut()
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\n\r\n")
+        .await?;
+    let (status, body) = read_http1_response(&mut client).await?;
+    assert_eq!(
+        (status.as_str(), &body[..]),
+        ("HTTP/1.1 200 OK", &b"plain"[..])
+    );
+    let head = next_upstream_head().await?;
+    assert!(!head.contains("upgrade"), "{head}");
 
     let mut client =
         tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
@@ -788,14 +823,19 @@ async fn a_websocket_handshake_reaches_the_upstream_and_the_connection_becomes_a
         "{response}"
     );
 
-    let head = tokio::time::timeout(Duration::from_secs(10), upstream_head).await??;
-    let lower = head.to_ascii_lowercase();
-    assert!(lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
-    assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{head}");
-    assert!(
-        lower.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"),
-        "{head}"
-    );
+    let head = next_upstream_head().await?;
+    for field in [
+        "connection: upgrade",
+        "upgrade: websocket",
+        "sec-websocket-key: dghlihnhbxbszsbub25jzq==",
+        "sec-websocket-version: 13",
+    ] {
+        assert!(
+            head.contains(&format!("\r\n{field}\r\n")),
+            "{field}: {head}"
+        );
+    }
+    assert!(!head.contains("keep-alive"), "{head}");
 
     // Bytes both ways, including ones that look like a request: a tunnel, not HTTP any more.
     for message in [&b"hello"[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"bye"] {

@@ -26,7 +26,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Fields about one connection rather than the message (RFC 9110 §7.6.1, with the legacy
-/// `Keep-Alive` and `Proxy-Connection` and HTTP/2's upgrade `HTTP2-Settings`): not forwarded.
+/// `Keep-Alive` and `Proxy-Connection`, HTTP/2's upgrade `HTTP2-Settings`, and the client's
+/// credentials for a proxy, which are not the upstream's business): not forwarded.
 const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -43,58 +44,50 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 /// A request may name at most this many `Connection` options, so stripping them is bounded work.
 const MAX_CONNECTION_OPTIONS: usize = 9;
 
-/// Fields a `Connection` option may not name: they say where the request goes and where it came
-/// from, and Sluice sets the request id before this runs. Removing them on a client's word would
-/// let it strip what the upstream relies on, so such a request is refused instead.
-const NOT_NOMINABLE: [HeaderName; 5] = [
+/// Fields a `Connection` option may not name: they say where the request goes, where it came
+/// from and who the client proved to be, and Sluice sets the request id and the client
+/// certificate's before the upstream request is built. Removing them on a client's word would let
+/// it strip what the upstream relies on, so such a request is refused instead.
+const NOT_NOMINABLE: [HeaderName; 6] = [
     header::HOST,
     X_FORWARDED_FOR,
     HeaderName::from_static("x-forwarded-host"),
     X_FORWARDED_PROTO,
     X_REQUEST_ID,
+    X_FORWARDED_CLIENT_CERT,
 ];
 
-/// Removes from a request going upstream the hop-by-hop fields and those its `Connection` header
-/// names. A WebSocket handshake (`Upgrade: websocket`, when `websocket_allowed`: an HTTP/1.1 client
-/// to an HTTP/1.1 upstream) goes on as `Connection: Upgrade` and `Upgrade: websocket`; any other
-/// upgrade is dropped. The error is the reason a request is refused (400).
-///
-/// Pingora does this itself under its standard request policy, through `RequestHeader`'s two
-/// maps: ~3,400 instructions per request, most of them removing fields that are not there. Sluice
-/// gives its peers Pingora's `preserve` policy and strips here, on the map it edits anyway, after
-/// one look at the names (a request rarely carries any of these).
-pub fn strip_hop_by_hop(
-    headers: &mut HeaderMap,
-    websocket_allowed: bool,
-) -> std::result::Result<(), &'static str> {
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return Ok(());
-    }
-    let websocket = websocket_allowed
-        && headers
-            .get(header::UPGRADE)
-            .is_some_and(|upgrade| upgrade.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let mut nominated: [Option<HeaderName>; MAX_CONNECTION_OPTIONS] = Default::default();
-    let options = headers
+/// The options of a request's `Connection` header(s), trimmed, empty ones left out.
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|option| !option.is_empty());
-    for (slot, option) in options.enumerate() {
-        let slot = nominated
-            .get_mut(slot)
-            .ok_or("too many Connection options\n")?;
-        // Removed below in any case; `close` names no field.
-        if option.eq_ignore_ascii_case(b"close")
-            || HOP_BY_HOP
-                .iter()
-                .any(|name| option.eq_ignore_ascii_case(name.as_str().as_bytes()))
-        {
+        .filter(|option| !option.is_empty())
+}
+
+/// An option that names a field stripped anyway, or `close`, the connection's own option (a
+/// field of that name means nothing to anyone): no field name to parse for it.
+fn names_no_other_field(option: &[u8]) -> bool {
+    option.eq_ignore_ascii_case(b"close")
+        || HOP_BY_HOP
+            .iter()
+            .any(|name| option.eq_ignore_ascii_case(name.as_str().as_bytes()))
+}
+
+/// Checks a request's `Connection` options before it is routed; the error is the reason it is
+/// refused (400). Each option must be a token (RFC 9110 §5.6.2, which `HeaderName` alone does not
+/// insist on: a quoted or `:`-prefixed option would be read as some other field), at most
+/// [`MAX_CONNECTION_OPTIONS`] of them, none naming a field in [`NOT_NOMINABLE`].
+pub fn check_connection_options(headers: &HeaderMap) -> std::result::Result<(), &'static str> {
+    for (count, option) in connection_options(headers).enumerate() {
+        if count == MAX_CONNECTION_OPTIONS {
+            return Err("too many Connection options\n");
+        }
+        if names_no_other_field(option) {
             continue;
         }
-        // A token (RFC 9110 §5.6.2), which `HeaderName` alone does not insist on: a quoted or
-        // `:`-prefixed option is refused, not read as some other field.
         if !option.iter().all(|byte| is_tchar(*byte)) {
             return Err("invalid Connection option\n");
         }
@@ -102,21 +95,59 @@ pub fn strip_hop_by_hop(
         if NOT_NOMINABLE.contains(&name) {
             return Err("Connection names a field the gateway must forward\n");
         }
+    }
+    Ok(())
+}
+
+/// Removes from a request going upstream the hop-by-hop fields and those its `Connection` header
+/// names (checked by [`check_connection_options`] when the request came in). Two survive as Envoy
+/// forwards them: `te: trailers` (gRPC's; any other transfer coding a client accepts is its hop's)
+/// and, when `websocket_allowed` (an HTTP/1.1 client to an HTTP/1.1 upstream), a WebSocket
+/// handshake (`Connection: upgrade` and `Upgrade: websocket`), which goes on as `Connection:
+/// Upgrade`, `Upgrade: websocket`. Any other upgrade is dropped.
+///
+/// Pingora does this itself under its standard request policy, through `RequestHeader`'s two
+/// maps: ~3,400 instructions per request, most of them removing fields that are not there. Sluice
+/// gives its peers Pingora's `preserve` policy and strips here, on the map it edits anyway, after
+/// one look at the names (a request rarely carries any of these).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_allowed: bool) -> Result<()> {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return Ok(());
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+        .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    let websocket = websocket_allowed
+        && headers
+            .get(header::UPGRADE)
+            .is_some_and(|upgrade| upgrade.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && connection_options(headers).any(|option| option.eq_ignore_ascii_case(b"upgrade"));
+    let mut nominated: [Option<HeaderName>; MAX_CONNECTION_OPTIONS] = Default::default();
+    let names = connection_options(headers)
+        .filter(|option| !names_no_other_field(option))
+        .filter_map(|option| HeaderName::from_bytes(option).ok());
+    for (slot, name) in nominated.iter_mut().zip(names) {
         *slot = Some(name);
     }
     for name in nominated.iter().flatten().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
+    if te_trailers {
+        set(headers, &header::TE, HeaderValue::from_static("trailers"))?;
+    }
     if websocket {
-        // Back in the room the two removals left.
-        for (name, value) in [
-            (header::CONNECTION, "Upgrade"),
-            (header::UPGRADE, "websocket"),
-        ] {
-            headers
-                .try_insert(name, HeaderValue::from_static(value))
-                .map_err(|_| "too many headers\n")?;
-        }
+        set(
+            headers,
+            &header::CONNECTION,
+            HeaderValue::from_static("Upgrade"),
+        )?;
+        set(
+            headers,
+            &header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        )?;
     }
     Ok(())
 }
@@ -376,56 +407,105 @@ mod tests {
         assert_eq!(resp.status, 200);
     }
 
+    fn fields(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn listed(headers: &HeaderMap) -> Vec<String> {
+        let mut fields: Vec<String> = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        fields.sort();
+        fields
+    }
+
     #[test]
-    fn hop_by_hop_fields_go_and_only_a_websocket_upgrade_is_rebuilt() {
-        let request = |fields: &[(&'static str, &'static str)]| {
-            let mut headers = HeaderMap::new();
-            for (name, value) in fields {
-                headers.append(*name, HeaderValue::from_static(value));
-            }
-            headers
-        };
-        let names = |headers: &HeaderMap| -> Vec<String> {
-            let mut fields: Vec<String> = headers
-                .iter()
-                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
-                .collect();
-            fields.sort();
-            fields
-        };
+    fn hop_by_hop_fields_go_but_te_trailers_and_a_websocket_handshake() {
         let upgrade = [
-            ("connection", "close, Upgrade"),
+            ("connection", "keep-alive, Upgrade"),
             ("upgrade", "WebSocket"),
-            ("close", "stays: not a field Connection can mean"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip, Trailers"),
             ("sec-websocket-key", "k"),
         ];
-        let mut headers = request(&upgrade);
+        let mut headers = fields(&upgrade);
         strip_hop_by_hop(&mut headers, true).unwrap();
         assert_eq!(
-            names(&headers),
+            listed(&headers),
             [
-                "close: stays: not a field Connection can mean",
                 "connection: Upgrade",
                 "sec-websocket-key: k",
+                "te: trailers",
                 "upgrade: websocket"
             ]
         );
-        let mut headers = request(&upgrade);
+        let mut headers = fields(&upgrade);
         strip_hop_by_hop(&mut headers, false).unwrap();
-        assert_eq!(headers.len(), 2, "{:?}", names(&headers));
-
-        let mut headers = request(&[("x-a", "1"), ("te", "trailers"), ("connection", "x-a")]);
+        assert_eq!(listed(&headers), ["sec-websocket-key: k", "te: trailers"]);
+        let mut headers = fields(&[("upgrade", "websocket"), ("sec-websocket-key", "k")]);
         strip_hop_by_hop(&mut headers, true).unwrap();
-        assert!(headers.is_empty(), "{:?}", names(&headers));
-
-        let mut headers = request(&[("connection", "a,b,c,d,e,f,g,h,i,j"), ("x-b", "1")]);
         assert_eq!(
-            strip_hop_by_hop(&mut headers, true),
-            Err("too many Connection options\n")
+            listed(&headers),
+            ["sec-websocket-key: k"],
+            "no `upgrade` option: not a handshake"
         );
-        let mut headers = request(&[("connection", "x-b ,, close"), ("x-b", "1"), ("x-c", "1")]);
+
+        let mut headers = fields(&[
+            ("connection", "x-b ,, close"),
+            ("connection", "x-c"),
+            ("x-b", "1"),
+            ("x-c", "1"),
+            ("x-d", "1"),
+            ("close", "1"),
+            ("te", "gzip"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ]);
         strip_hop_by_hop(&mut headers, true).unwrap();
-        assert_eq!(names(&headers), ["x-c: 1"]);
+        assert_eq!(
+            listed(&headers),
+            ["close: 1", "x-d: 1"],
+            "`close` is the connection's own option"
+        );
+    }
+
+    #[test]
+    fn connection_options_are_tokens_few_and_leave_what_the_upstream_relies_on() {
+        let check =
+            |value: &'static str| check_connection_options(&fields(&[("connection", value)]));
+        for fine in [
+            "close",
+            "keep-alive, Upgrade",
+            "x-a,, x-b ",
+            "a,b,c,d,e,f,g,h,i",
+        ] {
+            assert_eq!(check(fine), Ok(()), "{fine}");
+        }
+        assert_eq!(check_connection_options(&HeaderMap::new()), Ok(()));
+        for (refused, reason) in [
+            ("a,b,c,d,e,f,g,h,i,j", "too many Connection options\n"),
+            ("\"x-a\"", "invalid Connection option\n"),
+            (":authority", "invalid Connection option\n"),
+            ("x-a;q=1", "invalid Connection option\n"),
+        ] {
+            assert_eq!(check(refused), Err(reason), "{refused}");
+        }
+        for name in NOT_NOMINABLE {
+            let mut headers = fields(&[("connection", "keep-alive")]);
+            headers.append(
+                header::CONNECTION,
+                HeaderValue::from_str(&name.as_str().to_ascii_uppercase()).unwrap(),
+            );
+            assert_eq!(
+                check_connection_options(&headers),
+                Err("Connection names a field the gateway must forward\n"),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -532,6 +532,11 @@ impl ProxyHttp for GatewayProxy {
         let request = session.req_header_mut();
         let new_id = usize::from(client_request_id(&request.headers).is_none());
         ctx.request_id = Some(headers::edit_request(request, new_id, |parts| {
+            // Refused before an upstream is chosen (the options are stripped on the way up).
+            if let Err(reason) = headers::check_connection_options(&parts.headers) {
+                ctx.failure = Some(reason);
+                return Err(fail(reason, 400));
+            }
             normalize_request_path(&mut parts.uri)?;
             ensure_request_id(&mut parts.headers)
         })?);
@@ -706,12 +711,12 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         let client = client_ip(session);
         // Pingora has set the version the upstream speaks. Between two HTTP/2 hops nothing is
-        // hop-by-hop (HTTP/2 forbids those fields; `te: trailers` is gRPC's and goes on).
+        // stripped, as by Pingora's own policy: HTTP/2 has no connection-specific fields
+        // (RFC 9113 §8.2.2), and `te: trailers` is gRPC's.
         let downstream_version = session.req_header().version;
         let upstream_h1 = upstream_request.version != http::Version::HTTP_2;
         let strip = upstream_h1 || downstream_version != http::Version::HTTP_2;
         let websocket_allowed = upstream_h1 && downstream_version == http::Version::HTTP_11;
-        let mut refused = None;
         let route = ctx.route.as_deref();
         let target_rules = ctx.target().and_then(|t| t.request_headers());
         let route_rules = route.and_then(|r| r.request_headers());
@@ -721,13 +726,10 @@ impl ProxyHttp for GatewayProxy {
             + usize::from(ctx.trace.is_some()) * crate::spans::PROPAGATED
             + headers::added_by(target_rules)
             + headers::added_by(route_rules);
-        let edited = headers::edit_request(upstream_request, extra, |request| {
+        headers::edit_request(upstream_request, extra, |request| {
             let out = &mut request.headers;
             if strip {
-                if let Err(reason) = headers::strip_hop_by_hop(out, websocket_allowed) {
-                    refused = Some(reason);
-                    return Err(fail(reason, 400));
-                }
+                headers::strip_hop_by_hop(out, websocket_allowed)?;
             }
             if let Some(ip) = client {
                 self.set_forwarded_for(out, ip, ctx)?;
@@ -779,11 +781,7 @@ impl ProxyHttp for GatewayProxy {
                 apply_ops(out, rules)?;
             }
             Ok(())
-        });
-        if refused.is_some() {
-            ctx.failure = refused;
-        }
-        edited
+        })
     }
 
     async fn response_filter(
