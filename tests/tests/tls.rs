@@ -286,6 +286,40 @@ async fn https_redirect_answers_301_to_the_https_url() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn https_redirect_wins_over_the_routes_bound_to_the_redirecting_server() -> anyhow::Result<()>
+{
+    // As in Istio, every host a redirecting server serves requires TLS, however specifically a
+    // VirtualService names it; another Gateway's plaintext server on the port serves its own.
+    let port = free_port();
+    let backend = echo("app").await?;
+    let mut yaml = gateway_with_servers(&format!(
+        "  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n    \
+         tls: {{httpsRedirect: true}}\n"
+    ));
+    yaml += &format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw-api}}\nspec:\n  \
+         servers:\n  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [api.test]\n"
+    );
+    yaml += &service_entry_yaml("app", "app.svc", &[(backend, "")]);
+    for (host, gateway) in [("shop.test", "gw"), ("api.test", "gw-api")] {
+        yaml += &format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {host}}}\n\
+             spec:\n  hosts: [{host}]\n  gateways: [{gateway}]\n  http:\n  \
+             - route: [{{destination: {{host: app.svc}}}}]\n"
+        );
+    }
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    for (host, status) in [("shop.test", 301), ("other.test", 301), ("api.test", 200)] {
+        let r = get(port, host, "/p").await?;
+        assert_eq!(r.status, status, "{host}: {:?}", r.body);
+        if status == 301 {
+            assert_eq!(r.headers["location"], format!("https://{host}/p"));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn mutual_tls_verifies_clients_and_forwards_their_identity() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = Pki::new(dir.path())?;

@@ -600,7 +600,17 @@ impl Compiler {
                                     let Some(served) = server_host.host.intersect(host) else {
                                         continue;
                                     };
-                                    if http && first_time(&mut seen, server.port, &served) {
+                                    if !http || !first_time(&mut seen, server.port, &served) {
+                                        continue;
+                                    }
+                                    if server.https_redirect {
+                                        // Istio requires TLS on every virtual host of such a
+                                        // server: its routes are never served in plaintext, and
+                                        // each name it routes redirects at that name's rank.
+                                        self.listener(server.port, ListenerFamily::PlainHttp)
+                                            .https_redirect
+                                            .get_or_insert_with(&served, || ());
+                                    } else {
                                         self.add_routes(
                                             server.port,
                                             server.protocol.family(),
