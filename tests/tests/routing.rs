@@ -276,6 +276,8 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
     route: [{destination: {host: app.svc}}]
   - match: [{uri: {prefix: /teapot}}]
     directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {prefix: /gone}}]
+    directResponse: {status: 410}
 ";
     yaml += &virtual_service("actions", &["act.test"], http);
     let _gw = TestGateway::start(&yaml, &[port])?;
@@ -283,6 +285,7 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
     let r = get(port, "act.test", "/old/page?q=1").await?;
     assert_eq!(r.status, 301);
     assert_eq!(r.headers["location"], "http://act.test/new?q=1");
+    assert_eq!(r.headers.get("content-type"), None, "no body, no type");
 
     let r = get(port, "act.test:8080", "/moved/x").await?;
     assert_eq!(r.status, 308);
@@ -308,6 +311,11 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
 
     let r = get(port, "act.test", "/teapot").await?;
     assert_eq!((r.status, r.body.as_str()), (418, Some("short and stout")));
+    assert_eq!(r.headers["content-type"], "text/plain", "as from Envoy");
+    let r = get(port, "act.test", "/gone").await?;
+    assert_eq!((r.status, r.body.as_str()), (410, Some("")));
+    assert_eq!(r.headers.get("content-type"), None);
+    assert_eq!(r.headers["content-length"], "0");
     Ok(())
 }
 

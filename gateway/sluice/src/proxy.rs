@@ -35,7 +35,8 @@ pub struct GatewayProxy {
     pub tls: bool,
 }
 
-const PLAIN_TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+/// The type of Sluice's own bodies: what Envoy sends with a direct response's or a local reply's.
+const PLAIN_TEXT: HeaderValue = HeaderValue::from_static("text/plain");
 
 /// Longest client-supplied value put in a span tag (Envoy's default `max_path_tag_length`).
 const MAX_TAG_LENGTH: usize = 256;
@@ -103,7 +104,10 @@ async fn respond(
     // Content type and length, `extra`, the request id, a draining close; and the route's rules.
     let mut parts = headers::new_response(status, 5 + headers::added_by(rules))?;
     let out = &mut parts.headers;
-    headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
+    // As from Envoy: a redirect or an empty direct response has no type.
+    if !body.is_empty() {
+        headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
+    }
     headers::set(out, &header::CONTENT_LENGTH, HeaderValue::from(body.len()))?;
     if let Some((name, value)) = extra {
         headers::set(out, &name, value)?;
