@@ -320,6 +320,58 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_lone_destinations_header_rules_run_after_the_routes_and_weighted_ones_before(
+) -> anyhow::Result<()> {
+    // Istio's translation: one destination's rules join the route's list (removals first, the
+    // destination's values last); each weighted destination's run before the route's.
+    let port = free_port();
+    let mut yaml = gateway_yaml(port, &["*"]);
+    yaml += &backends(&["app"]).await?;
+    let rules = "headers:
+        request: {set: {x-both: dest, x-dest: dest}}
+        response: {set: {x-both: dest, x-dest: dest}}";
+    let http = format!(
+        "
+  - match: [{{uri: {{prefix: /lone}}}}]
+    headers:
+      request: {{set: {{x-both: route}}, remove: [x-dest]}}
+      response: {{set: {{x-both: route}}, remove: [x-dest]}}
+    route:
+    - destination: {{host: app.svc}}
+      {rules}
+  - headers:
+      request: {{set: {{x-both: route}}, remove: [x-dest]}}
+      response: {{set: {{x-both: route}}, remove: [x-dest]}}
+    route:
+    - destination: {{host: app.svc}}
+      weight: 50
+      {rules}
+    - destination: {{host: app.svc}}
+      weight: 50
+      {rules}
+"
+    );
+    yaml += &virtual_service("order", &["order.test"], &http);
+    let _gw = TestGateway::start(&yaml, &[port])?;
+    for (path, both, dest) in [
+        ("/lone", "dest", Some("dest")),
+        ("/weighted", "route", None),
+    ] {
+        let r = get(port, "order.test", path).await?;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.request_header("x-both"), Some(both), "{path}");
+        assert_eq!(r.request_header("x-dest"), dest, "{path}");
+        assert_eq!(r.headers["x-both"], both, "{path}");
+        assert_eq!(
+            r.headers.get("x-dest").and_then(|v| v.to_str().ok()),
+            dest,
+            "{path}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn header_rules_apply_to_requests_and_responses() -> anyhow::Result<()> {
     let port = free_port();
     let mut yaml = gateway_yaml(port, &["*"]);

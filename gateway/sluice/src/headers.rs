@@ -273,6 +273,10 @@ pub fn apply_ops(headers: &mut HeaderMap, ops: &HeaderOps) -> Result<()> {
     for name in &ops.remove {
         headers.remove(name);
     }
+    set_then_add(headers, ops)
+}
+
+fn set_then_add(headers: &mut HeaderMap, ops: &HeaderOps) -> Result<()> {
     for (name, value) in &ops.set {
         set(headers, name, value.clone())?;
     }
@@ -280,6 +284,33 @@ pub fn apply_ops(headers: &mut HeaderMap, ops: &HeaderOps) -> Result<()> {
         add(headers, name, value.clone())?;
     }
     Ok(())
+}
+
+/// A route's header rules and those of the destination it chose, in the order Istio gives Envoy.
+/// With one destination Istio appends the destination's rules to the route's in one list, whose
+/// removals all run first: the destination's `set` wins, and the route's `remove` does not undo
+/// it. With several, each destination's rules run before the route's: the route's win.
+pub fn apply_route_ops(
+    headers: &mut HeaderMap,
+    route: Option<&HeaderOps>,
+    destination: Option<&HeaderOps>,
+    one_destination: bool,
+) -> Result<()> {
+    match (route, destination) {
+        (Some(route), Some(destination)) if one_destination => {
+            for name in route.remove.iter().chain(&destination.remove) {
+                headers.remove(name);
+            }
+            set_then_add(headers, route)?;
+            set_then_add(headers, destination)
+        }
+        _ => {
+            for ops in [destination, route].into_iter().flatten() {
+                apply_ops(headers, ops)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// How many headers `ops` may add, for the room `edit_request`/`edit_response` reserve.

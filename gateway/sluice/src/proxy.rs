@@ -724,6 +724,7 @@ impl ProxyHttp for GatewayProxy {
         let route = ctx.route.as_deref();
         let target_rules = ctx.target().and_then(|t| t.request_headers());
         let route_rules = route.and_then(|r| r.request_headers());
+        let one_destination = route.is_some_and(|r| r.targets.is_single());
         // X-Forwarded-For, the external address, the scheme, a rewritten Host; then trace context
         // and the rules.
         let extra = 4
@@ -778,13 +779,7 @@ impl ProxyHttp for GatewayProxy {
             if let Some(authority) = rewrite.and_then(|r| r.authority.as_ref()) {
                 headers::set(out, &header::HOST, authority.clone())?;
             }
-            if let Some(rules) = target_rules {
-                apply_ops(out, rules)?;
-            }
-            if let Some(rules) = route_rules {
-                apply_ops(out, rules)?;
-            }
-            Ok(())
+            headers::apply_route_ops(out, route_rules, target_rules, one_destination)
         })
     }
 
@@ -796,6 +791,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         let target_rules = ctx.target().and_then(|t| t.response_headers());
         let route_rules = ctx.route.as_ref().and_then(|r| r.response_headers());
+        let one_destination = ctx.route.as_ref().is_some_and(|r| r.targets.is_single());
         // The request id, a draining close; then the rules.
         let extra = 1
             + usize::from(self.live.is_closing())
@@ -807,13 +803,7 @@ impl ProxyHttp for GatewayProxy {
             if let Some(id) = &ctx.request_id {
                 headers::set(out, &X_REQUEST_ID, id.clone())?;
             }
-            if let Some(rules) = target_rules {
-                apply_ops(out, rules)?;
-            }
-            if let Some(rules) = route_rules {
-                apply_ops(out, rules)?;
-            }
-            Ok(())
+            headers::apply_route_ops(out, route_rules, target_rules, one_destination)
         })
     }
 

@@ -291,6 +291,12 @@ impl Targets {
         self.list.get(index)
     }
 
+    /// One destination: Istio routes to its cluster directly, not through weighted clusters,
+    /// which changes the order of header rules.
+    pub fn is_single(&self) -> bool {
+        self.list.len() == 1
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Target> {
         self.list.iter()
     }
