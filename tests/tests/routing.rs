@@ -696,7 +696,7 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
     let port = free_port();
-    let _gw = one_backend_gateway(port).await?;
+    let gw = one_backend_gateway(port).await?;
     let exchange = |head: String, body: &'static [u8]| async move {
         let mut stream =
             tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
@@ -784,6 +784,9 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
         assert_eq!(status, "HTTP/1.1 400 Bad Request", "{fields}");
         assert_eq!(String::from_utf8_lossy(&body), reason, "{fields}");
     }
+    // What a client caused is in the access log, not the error log.
+    let log = gw.log();
+    assert!(!log.contains("ERROR"), "{log}");
     Ok(())
 }
 

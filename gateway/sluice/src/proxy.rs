@@ -884,6 +884,15 @@ impl ProxyHttp for GatewayProxy {
         }
     }
 
+    /// What a client caused (no route, a refused request, a client gone mid-request) is in the
+    /// access log and the metrics, not the error log: a client could otherwise fill it at will.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        match error.etype() {
+            ErrorType::HTTPStatus(code) => *code < 500,
+            _ => error.esource() == &ErrorSource::Downstream,
+        }
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
