@@ -792,8 +792,10 @@ impl ProxyHttp for GatewayProxy {
         let target_rules = ctx.target().and_then(|t| t.response_headers());
         let route_rules = ctx.route.as_ref().and_then(|r| r.response_headers());
         let one_destination = ctx.route.as_ref().is_some_and(|r| r.targets.is_single());
-        // The request id, a draining close; then the rules.
+        // The request id, a draining close; then the rules; and `Date` and `Connection`, which
+        // Pingora's HTTP/1 session adds when it writes the head (else the map grows once more).
         let extra = 1
+            + 2
             + usize::from(self.live.is_closing())
             + headers::added_by(target_rules)
             + headers::added_by(route_rules);
