@@ -128,6 +128,7 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
         "hdrexact",
         "hdrprefix",
         "hdrregex",
+        "hdrany",
         "query",
         "queryregex",
         "without",
@@ -151,6 +152,11 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
     http += &rule("[{headers: {x-env: {exact: canary}}}]", "hdrexact");
     http += &rule("[{headers: {x-user: {prefix: admin-}}}]", "hdrprefix");
     http += &rule("[{headers: {x-id: {regex: '[a-f]{4}'}}}]", "hdrregex");
+    // Istio reads the regex `*` as "any value": a presence match.
+    http += &rule(
+        "[{uri: {prefix: /any}, headers: {x-any: {regex: '*'}}}]",
+        "hdrany",
+    );
     http += &rule("[{queryParams: {debug: {exact: '1'}}}]", "query");
     http += &rule("[{queryParams: {v: {regex: 'v[0-9]'}}}]", "queryregex");
     http += &rule(
@@ -223,6 +229,12 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
             "fallback",
             "header regex is anchored",
         ),
+        (
+            on("/any").header("x-any", "v"),
+            "hdrany",
+            "header regex *, present",
+        ),
+        (on("/any"), "fallback", "header regex *, absent"),
         (on("/?debug=1"), "query", "query exact"),
         (on("/?a=b&debug=2"), "fallback", "query exact, other value"),
         (on("/?v=v7"), "queryregex", "query regex"),
