@@ -2069,7 +2069,7 @@ impl Validator<'_> {
         };
         let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()];
         // Istio reads a header regex of `*` (not valid RE2) as "any value": presence.
-        let any_value = allow_presence && sm.regex.as_deref() == Some("*");
+        let any_value = allow_presence && !is_query && sm.regex.as_deref() == Some("*");
         match set.iter().filter(|b| **b).count() {
             0 if allow_presence => return Some(StrMatch::Present),
             1 if any_value => return Some(StrMatch::Present),

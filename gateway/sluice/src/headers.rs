@@ -27,7 +27,8 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Fields about one connection rather than the message (RFC 9110 §7.6.1, with the legacy
 /// `Keep-Alive` and `Proxy-Connection`, HTTP/2's upgrade `HTTP2-Settings`, and the client's
-/// credentials for a proxy, which are not the upstream's business): not forwarded.
+/// credentials for a proxy, which are not the upstream's business): not forwarded over an
+/// HTTP/1 hop (what Pingora's own policy strips; between two HTTP/2 hops nothing is stripped).
 const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -57,14 +58,20 @@ const NOT_NOMINABLE: [HeaderName; 6] = [
     X_FORWARDED_CLIENT_CERT,
 ];
 
-/// The options of a request's `Connection` header(s), trimmed, empty ones left out.
-fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+/// The items of a comma-separated list field (RFC 9110 §5.6.1) over all its lines, trimmed,
+/// empty ones left out.
+fn list_items<'h>(headers: &'h HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'h [u8]> {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(name)
         .iter()
         .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|option| !option.is_empty())
+        .filter(|item| !item.is_empty())
+}
+
+/// The options of a request's `Connection` header(s).
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    list_items(headers, &header::CONNECTION)
 }
 
 /// An option that names a field stripped anyway, or `close`, the connection's own option (a
@@ -107,18 +114,15 @@ pub fn check_connection_options(headers: &HeaderMap) -> std::result::Result<(), 
 /// Upgrade`, `Upgrade: websocket`. Any other upgrade is dropped.
 ///
 /// Pingora does this itself under its standard request policy, through `RequestHeader`'s two
-/// maps: ~3,400 instructions per request, most of them removing fields that are not there. Sluice
-/// gives its peers Pingora's `preserve` policy and strips here, on the map it edits anyway, after
-/// one look at the names (a request rarely carries any of these).
+/// maps, most of it removing fields that are not there (BENCHMARKS.md has the cost). Sluice gives
+/// its peers Pingora's `preserve` policy and strips here, on the map it edits anyway, after one
+/// look at the names (a request rarely carries any of these).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_allowed: bool) -> Result<()> {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return Ok(());
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
-        .any(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    let te_trailers =
+        list_items(headers, &header::TE).any(|coding| coding.eq_ignore_ascii_case(b"trailers"));
     let websocket = websocket_allowed
         && headers
             .get(header::UPGRADE)
@@ -156,6 +160,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_allowed: bool) -> Res
 fn is_tchar(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
+
+/// Fields Pingora's HTTP/1 session adds to every response head as it writes it (`Date`,
+/// `Connection`): room for them is reserved with Sluice's own, or the map grows once more.
+pub const ADDED_WHEN_WRITTEN: usize = 2;
 
 /// Runs `edit` on `req`'s parts with room for `extra` more headers, and leaves `req` without its
 /// case map. The request target goes on as it came, with one change: an absolute-form target
@@ -519,6 +527,10 @@ mod tests {
         assert_eq!(check_connection_options(&HeaderMap::new()), Ok(()));
         for (refused, reason) in [
             ("a,b,c,d,e,f,g,h,i,j", "too many Connection options\n"),
+            (
+                "close, keep-alive, upgrade, te, trailer, close, keep-alive, upgrade, te, te",
+                "too many Connection options\n",
+            ),
             ("\"x-a\"", "invalid Connection option\n"),
             (":authority", "invalid Connection option\n"),
             ("x-a;q=1", "invalid Connection option\n"),

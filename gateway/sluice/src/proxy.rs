@@ -102,7 +102,8 @@ async fn respond(
     live: &Live,
 ) -> Result<()> {
     // Content type and length, `extra`, the request id, a draining close; and the route's rules.
-    let mut parts = headers::new_response(status, 5 + headers::added_by(rules))?;
+    let capacity = 5 + headers::ADDED_WHEN_WRITTEN + headers::added_by(rules);
+    let mut parts = headers::new_response(status, capacity)?;
     let out = &mut parts.headers;
     // As from Envoy: a redirect or an empty direct response has no type.
     if !body.is_empty() {
@@ -140,7 +141,7 @@ async fn respond_error(
 ) -> Result<()> {
     let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
     // Content type and length, the request id.
-    headers::edit_response(&mut resp, 3, |parts| {
+    headers::edit_response(&mut resp, 3 + headers::ADDED_WHEN_WRITTEN, |parts| {
         let out = &mut parts.headers;
         headers::set(out, &header::CONTENT_TYPE, PLAIN_TEXT)?;
         headers::set(
@@ -535,15 +536,25 @@ impl ProxyHttp for GatewayProxy {
         // sees the request id).
         let request = session.req_header_mut();
         let new_id = usize::from(client_request_id(&request.headers).is_none());
-        ctx.request_id = Some(headers::edit_request(request, new_id, |parts| {
-            // Refused before an upstream is chosen (the options are stripped on the way up).
-            if let Err(reason) = headers::check_connection_options(&parts.headers) {
-                ctx.failure = Some(reason);
-                return Err(fail(reason, 400));
-            }
+        let edited = headers::edit_request(request, new_id, |parts| {
             normalize_request_path(&mut parts.uri)?;
             ensure_request_id(&mut parts.headers)
-        })?);
+        });
+        // A request refused from here on is logged and counted against this generation.
+        match edited {
+            Ok(id) => ctx.request_id = Some(id),
+            Err(e) => {
+                ctx.generation = Some(generation);
+                return Err(e);
+            }
+        }
+        // Refused before an upstream is chosen (the options are stripped on the way up), with
+        // the request id like any answer of Sluice's own.
+        if let Err(reason) = headers::check_connection_options(&session.req_header().headers) {
+            ctx.generation = Some(generation);
+            ctx.failure = Some(reason);
+            return Err(fail(reason, 400));
+        }
         if let Some(tracing) = &generation.snapshot.settings.tracing {
             ctx.trace = Some(crate::spans::TraceContext::from_request(
                 &session.req_header().headers,
@@ -792,10 +803,9 @@ impl ProxyHttp for GatewayProxy {
         let target_rules = ctx.target().and_then(|t| t.response_headers());
         let route_rules = ctx.route.as_ref().and_then(|r| r.response_headers());
         let one_destination = ctx.route.as_ref().is_some_and(|r| r.targets.is_single());
-        // The request id, a draining close; then the rules; and `Date` and `Connection`, which
-        // Pingora's HTTP/1 session adds when it writes the head (else the map grows once more).
+        // The request id, a draining close; then the rules.
         let extra = 1
-            + 2
+            + headers::ADDED_WHEN_WRITTEN
             + usize::from(self.live.is_closing())
             + headers::added_by(target_rules)
             + headers::added_by(route_rules);
