@@ -274,6 +274,10 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
     redirect: {scheme: https, authority: other.test, redirectCode: 308}
   - match: [{uri: {prefix: /port}}]
     redirect: {port: 8443}
+  - match: [{uri: {prefix: /derive}}]
+    redirect: {scheme: https, derivePort: FROM_REQUEST_PORT}
+  - match: [{uri: {prefix: /default}}]
+    redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}
   - match: [{uri: {prefix: /api/}}]
     rewrite: {uri: /v2/}
     route: [{destination: {host: app.svc}}]
@@ -305,6 +309,15 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
 
     let r = get(port, "act.test", "/port").await?;
     assert_eq!(r.headers["location"], "http://act.test:8443/port");
+    // derivePort: the port the request came to, or the scheme's default (Envoy keeps a port the
+    // client named unless it was the old scheme's default).
+    let r = get(port, "act.test", "/derive").await?;
+    assert_eq!(
+        r.headers["location"],
+        format!("https://act.test:{port}/derive")
+    );
+    let r = get(port, "act.test:80", "/default").await?;
+    assert_eq!(r.headers["location"], "https://act.test/default");
 
     let r = get(port, "act.test", "/api/users?id=7").await?;
     assert_eq!(

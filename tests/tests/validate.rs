@@ -53,6 +53,8 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("two kinds of string match", vs("  - match:\n    - uri: {exact: /a, prefix: /b} #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "only one of `exact`, `prefix` or `regex`"),
         ("query prefix", vs("  - match:\n    - queryParams:\n        a:\n          prefix: x #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "`prefix` is not supported for queryParams"),
         ("redirect code", vs("  - redirect:\n      redirectCode: 200 #<\n") + ENTRY, "redirectCode 200 is not a redirect"),
+        ("redirect derivePort unknown", vs("  - redirect:\n      derivePort: FROM_HOST #<\n") + ENTRY, "unknown derivePort `FROM_HOST`"),
+        ("redirect port and derivePort", vs("  - redirect:\n      port: 8443\n      derivePort: FROM_REQUEST_PORT #<\n") + ENTRY, "set `port` or `derivePort`, not both"),
         ("direct response status", vs("  - directResponse:\n      status: 99 #<\n") + ENTRY, "status 99"),
         ("missing destination host", vs("  - route:\n    - destination: {subset: v1} #<\n") + ENTRY, "missing field `host`"),
         ("dns host without port", vs("  - route:\n    - destination: #<\n        host: other.example.com\n"), "`port.number` is required"),

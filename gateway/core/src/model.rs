@@ -206,6 +206,8 @@ pub struct Redirect {
     pub uri: Option<String>,
     pub authority: Option<String>,
     pub port: Option<u16>,
+    /// `derivePort: FROM_REQUEST_PORT`: the port the request arrived on.
+    pub port_from_request: bool,
     pub scheme: Option<String>,
     pub code: u16,
 }

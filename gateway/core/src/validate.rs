@@ -2319,6 +2319,29 @@ impl Validator<'_> {
             }
             None => None,
         };
+        // Istio: FROM_PROTOCOL_DEFAULT leaves the port as if none were set (the scheme's default
+        // unless the request named another); FROM_REQUEST_PORT is the port the request came to.
+        let port_from_request = match redirect.derive_port.as_deref() {
+            None | Some("FROM_PROTOCOL_DEFAULT") => false,
+            Some("FROM_REQUEST_PORT") => true,
+            Some(other) => {
+                self.error(
+                    at(&format!("{base}.derivePort")),
+                    format!(
+                        "unknown derivePort `{other}`: use FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT"
+                    ),
+                );
+                ok = false;
+                false
+            }
+        };
+        if redirect.port.is_some() && redirect.derive_port.is_some() {
+            self.error(
+                at(&format!("{base}.derivePort")),
+                "set `port` or `derivePort`, not both",
+            );
+            ok = false;
+        }
         if let Some(scheme) = &redirect.scheme {
             if !matches!(scheme.as_str(), "http" | "https") {
                 self.error(
@@ -2352,6 +2375,7 @@ impl Validator<'_> {
             uri: redirect.uri.clone(),
             authority: redirect.authority.clone(),
             port,
+            port_from_request,
             scheme: redirect.scheme.clone(),
             code,
         })

@@ -397,7 +397,7 @@ pub struct HttpRedirect {
     #[serde(default)]
     pub redirect_code: Option<i64>,
     #[serde(default)]
-    pub derive_port: Option<NotSupported>,
+    pub derive_port: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -161,7 +161,10 @@ pub fn redirect_location(redirect: &Redirect, req: &RequestInfo<'_>) -> String {
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok())
         .filter(|_| !req.authority.ends_with(']'));
-    let (host, port) = match (&redirect.authority, redirect.port) {
+    let port = redirect
+        .port
+        .or_else(|| redirect.port_from_request.then_some(req.port));
+    let (host, port) = match (&redirect.authority, port) {
         // An authority may carry its own port; it is written as given.
         (Some(authority), port) => (authority.as_str(), port),
         (None, Some(port)) => (request_host, Some(port)),
@@ -278,6 +281,7 @@ mod tests {
             uri: Some("/new".into()),
             authority: None,
             port: None,
+            port_from_request: false,
             scheme: None,
             code: 301,
         };
@@ -289,6 +293,7 @@ mod tests {
             uri: None,
             authority: Some("b.com".into()),
             port: None,
+            port_from_request: false,
             scheme: Some("https".into()),
             code: 301,
         };
@@ -300,6 +305,7 @@ mod tests {
             uri: None,
             authority: None,
             port: None,
+            port_from_request: false,
             scheme: Some("https".into()),
             code: 301,
         };
@@ -310,6 +316,15 @@ mod tests {
         assert_eq!(
             redirect_location(&scheme_only, &req(&h, "a.com:80", "/p", None)),
             "https://a.com/p"
+        );
+        // derivePort FROM_REQUEST_PORT: the listener port (8080 here), whatever the Host says.
+        let from_request = Redirect {
+            port_from_request: true,
+            ..scheme_only.clone()
+        };
+        assert_eq!(
+            redirect_location(&from_request, &req(&h, "a.com", "/p", None)),
+            "https://a.com:8080/p"
         );
         let with_port = Redirect {
             authority: Some("b.com:8443".into()),
