@@ -294,6 +294,8 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
     directResponse: {status: 418, body: {string: short and stout}}
   - match: [{uri: {prefix: /gone}}]
     directResponse: {status: 410}
+  - match: [{uri: {prefix: /bytes}}]
+    directResponse: {status: 200, body: {bytes: dGhlIHF1aWNrIGJyb3duIGZveA==}}
 ";
     yaml += &virtual_service("actions", &["act.test"], http);
     let _gw = TestGateway::start(&yaml, &[port])?;
@@ -337,6 +339,12 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
     let r = get(port, "act.test", "/teapot").await?;
     assert_eq!((r.status, r.body.as_str()), (418, Some("short and stout")));
     assert_eq!(r.headers["content-type"], "text/plain", "as from Envoy");
+    let r = get(port, "act.test", "/bytes").await?;
+    assert_eq!(
+        r.body.as_str(),
+        Some("the quick brown fox"),
+        "body.bytes is base64"
+    );
     let r = get(port, "act.test", "/gone").await?;
     assert_eq!((r.status, r.body.as_str()), (410, Some("")));
     assert_eq!(r.headers.get("content-type"), None);

@@ -53,6 +53,8 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("two kinds of string match", vs("  - match:\n    - uri: {exact: /a, prefix: /b} #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "only one of `exact`, `prefix` or `regex`"),
         ("query prefix", vs("  - match:\n    - queryParams:\n        a:\n          prefix: x #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "`prefix` is not supported for queryParams"),
         ("redirect code", vs("  - redirect:\n      redirectCode: 200 #<\n") + ENTRY, "redirectCode 200 is not a redirect"),
+        ("direct response bytes not base64", vs("  - directResponse:\n      status: 200\n      body:\n        bytes: \"not base64!\" #<\n") + ENTRY, "not base64"),
+        ("direct response string and bytes", vs("  - directResponse:\n      status: 200\n      body:\n        string: a\n        bytes: YQ== #<\n") + ENTRY, "set `string` or `bytes`, not both"),
         ("redirect derivePort unknown", vs("  - redirect:\n      derivePort: FROM_HOST #<\n") + ENTRY, "unknown derivePort `FROM_HOST`"),
         ("redirect port and derivePort", vs("  - redirect:\n      port: 8443\n      derivePort: FROM_REQUEST_PORT #<\n") + ENTRY, "set `port` or `derivePort`, not both"),
         ("direct response status", vs("  - directResponse:\n      status: 99 #<\n") + ENTRY, "status 99"),

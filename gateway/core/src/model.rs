@@ -215,7 +215,7 @@ pub struct Redirect {
 #[derive(Debug, Clone)]
 pub struct DirectResponse {
     pub status: u16,
-    pub body: String,
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]

@@ -2387,14 +2387,45 @@ impl Validator<'_> {
         direct: &istio::HttpDirectResponse,
         base: &str,
     ) -> Option<DirectResponse> {
+        let body = match direct.body.as_ref() {
+            None => Some(Vec::new()),
+            Some(istio::HttpBody {
+                string: Some(_),
+                bytes: Some(_),
+            }) => {
+                self.error(
+                    At {
+                        origin,
+                        path: format!("{base}.body.bytes"),
+                    },
+                    "set `string` or `bytes`, not both",
+                );
+                None
+            }
+            Some(istio::HttpBody {
+                bytes: Some(encoded),
+                ..
+            }) => match base64_bytes(encoded) {
+                Some(bytes) => Some(bytes),
+                None => {
+                    self.error(
+                        At {
+                            origin,
+                            path: format!("{base}.body.bytes"),
+                        },
+                        "not base64 (protobuf `bytes` are written in base64 in YAML and JSON)",
+                    );
+                    None
+                }
+            },
+            Some(istio::HttpBody { string, .. }) => {
+                Some(string.clone().unwrap_or_default().into_bytes())
+            }
+        };
         match u16::try_from(direct.status) {
             Ok(status @ 200..=599) => Some(DirectResponse {
                 status,
-                body: direct
-                    .body
-                    .as_ref()
-                    .and_then(|b| b.string.clone())
-                    .unwrap_or_default(),
+                body: body?,
             }),
             _ => {
                 self.error(
@@ -2833,6 +2864,18 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// Protobuf's `bytes` as YAML and JSON carry them: base64, standard or URL-safe alphabet, padding
+/// optional (what protojson accepts).
+fn base64_bytes(encoded: &str) -> Option<Vec<u8>> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::{alphabet, Engine};
+    let config =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    [alphabet::STANDARD, alphabet::URL_SAFE]
+        .iter()
+        .find_map(|alphabet| GeneralPurpose::new(alphabet, config).decode(encoded).ok())
 }
 
 #[cfg(test)]

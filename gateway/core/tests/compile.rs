@@ -52,7 +52,9 @@ fn direct(body: &str) -> String {
 fn body_of(lookup: RouteLookup<'_>) -> Option<String> {
     match lookup {
         RouteLookup::Found { route, .. } => match &route.def.action {
-            sluice_core::model::Action::Respond(r) => Some(r.body.clone()),
+            sluice_core::model::Action::Respond(r) => {
+                Some(String::from_utf8_lossy(&r.body).into_owned())
+            }
             _ => None,
         },
         _ => None,

@@ -651,11 +651,9 @@ impl ProxyHttp for GatewayProxy {
                             })?;
                             Some((redirect.code, Some((header::LOCATION, value)), Bytes::new()))
                         }
-                        Action::Respond(direct) => Some((
-                            direct.status,
-                            None,
-                            Bytes::copy_from_slice(direct.body.as_bytes()),
-                        )),
+                        Action::Respond(direct) => {
+                            Some((direct.status, None, Bytes::copy_from_slice(&direct.body)))
+                        }
                         // `forwards()` said no.
                         Action::Forward(_) => None,
                     }

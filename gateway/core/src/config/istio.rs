@@ -413,8 +413,9 @@ pub struct HttpDirectResponse {
 pub struct HttpBody {
     #[serde(default)]
     pub string: Option<String>,
+    /// Base64, as protobuf's `bytes` read from YAML or JSON.
     #[serde(default)]
-    pub bytes: Option<NotSupported>,
+    pub bytes: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -1025,7 +1025,7 @@ mod tests {
             matches,
             action: Action::Respond(DirectResponse {
                 status: 200,
-                body: String::new(),
+                body: Vec::new(),
             }),
             rewrite: Rewrite::default(),
             headers: HeaderRules::default(),
