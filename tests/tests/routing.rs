@@ -879,20 +879,21 @@ async fn a_websocket_handshake_reaches_the_upstream_and_the_connection_becomes_a
     yaml += &virtual_service("ws", &["*"], "  - route: [{destination: {host: ws.svc}}]\n");
     let _gw = TestGateway::start(&yaml, &[port])?;
 
-    // `Upgrade: websocket` without the `upgrade` option is not a handshake: a plain request.
-    let mut client =
-        tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
-    client
-        .get_mut()
-        .write_all(b"GET /chat HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\n\r\n")
-        .await?;
-    let (status, body) = read_http1_response(&mut client).await?;
-    assert_eq!(
-        (status.as_str(), &body[..]),
-        ("HTTP/1.1 200 OK", &b"plain"[..])
-    );
-    let head = next_upstream_head().await?;
-    assert!(!head.contains("upgrade"), "{head}");
+    // Not handshakes, so plain requests: `Upgrade: websocket` without the `upgrade` option, and
+    // an HTTP/1.0 client (no upgrades in HTTP/1.0).
+    for request in [
+        &b"GET /chat HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\n\r\n"[..],
+        b"GET /chat HTTP/1.0\r\nHost: chat.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        let mut client =
+            tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+        client.get_mut().write_all(request).await?;
+        let (status, body) = read_http1_response(&mut client).await?;
+        assert_eq!(&body[..], b"plain", "{status}");
+        assert!(status.ends_with(" 200 OK"), "{status}");
+        let head = next_upstream_head().await?;
+        assert!(!head.contains("upgrade"), "{head}");
+    }
 
     let mut client =
         tokio::io::BufReader::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
