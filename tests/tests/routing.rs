@@ -144,7 +144,8 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
         format!("  - match: {m}\n    route: [{{destination: {{host: {to}.svc}}}}]\n")
     };
     let mut http = String::new();
-    http += &rule("[{uri: {exact: /exact}}]", "exact");
+    // `statPrefix` names Envoy's per-route statistics: accepted, no effect.
+    http += &rule("[{uri: {exact: /exact}, statPrefix: exact}]", "exact");
     http += &rule("[{uri: {prefix: /prefix/}}]", "prefix");
     http += &rule("[{uri: {regex: '/re/[0-9]+'}}]", "regex");
     http += &rule("[{method: {exact: POST}, uri: {prefix: /m}}]", "method");

@@ -334,7 +334,7 @@ pub struct HttpMatchRequest {
     #[serde(default)]
     pub source_namespace: Option<NotSupported>,
     #[serde(default)]
-    pub stat_prefix: Option<NotSupported>,
+    pub stat_prefix: Option<NoEffect>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
