@@ -129,9 +129,11 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
         "hdrprefix",
         "hdrregex",
         "hdrany",
+        "queryany",
         "query",
         "queryregex",
         "without",
+        "withoutempty",
         "icase",
         "either",
         "both",
@@ -151,18 +153,28 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
     http += &rule("[{method: {exact: POST}, uri: {prefix: /m}}]", "method");
     http += &rule("[{authority: {prefix: alt.}}]", "authority");
     http += &rule("[{headers: {x-env: {exact: canary}}}]", "hdrexact");
-    http += &rule("[{headers: {x-user: {prefix: admin-}}}]", "hdrprefix");
+    // Names in any case, as Istio accepts them (Envoy matches them case-insensitively).
+    http += &rule("[{headers: {X-User: {prefix: admin-}}}]", "hdrprefix");
     http += &rule("[{headers: {x-id: {regex: '[a-f]{4}'}}}]", "hdrregex");
     // Istio reads the regex `*` as "any value": a presence match.
     http += &rule(
         "[{uri: {prefix: /any}, headers: {x-any: {regex: '*'}}}]",
         "hdrany",
     );
+    http += &rule(
+        "[{uri: {prefix: /qany}, queryParams: {token: {regex: '*'}}}]",
+        "queryany",
+    );
     http += &rule("[{queryParams: {debug: {exact: '1'}}}]", "query");
     http += &rule("[{queryParams: {v: {regex: 'v[0-9]'}}}]", "queryregex");
     http += &rule(
         "[{uri: {prefix: /nohdr}, withoutHeaders: {x-block: {}}}]",
         "without",
+    );
+    // An absent header counts as empty for `withoutHeaders` (Istio's TreatMissingHeaderAsEmpty).
+    http += &rule(
+        "[{uri: {prefix: /wempty}, withoutHeaders: {x-flag: {exact: ''}}}]",
+        "withoutempty",
     );
     http += &rule("[{uri: {exact: /CaSe}, ignoreUriCase: true}]", "icase");
     http += &rule("[{uri: {prefix: /or-a}}, {uri: {prefix: /or-b}}]", "either");
@@ -236,6 +248,8 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
             "header regex *, present",
         ),
         (on("/any"), "fallback", "header regex *, absent"),
+        (on("/qany?token=x"), "queryany", "query regex *, present"),
+        (on("/qany?other=x"), "fallback", "query regex *, absent"),
         (on("/?debug=1"), "query", "query exact"),
         (on("/?a=b&debug=2"), "fallback", "query exact, other value"),
         (on("/?v=v7"), "queryregex", "query regex"),
@@ -244,6 +258,16 @@ async fn every_match_condition_selects_its_route() -> anyhow::Result<()> {
             on("/nohdr").header("x-block", "1"),
             "fallback",
             "withoutHeaders, header present",
+        ),
+        (
+            on("/wempty"),
+            "fallback",
+            "withoutHeaders exact '', header absent",
+        ),
+        (
+            on("/wempty").header("x-flag", "1"),
+            "withoutempty",
+            "withoutHeaders exact '', other value",
         ),
         (on("/case"), "icase", "ignoreUriCase lower"),
         (on("/CASE"), "icase", "ignoreUriCase upper"),

@@ -49,7 +49,6 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("invalid host", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 80, protocol: HTTP}\n    hosts:\n    - 'bad host!' #<\n".into(), "not a valid host name"),
         ("static endpoint not an ip", "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\nspec:\n  hosts: [db.test]\n  ports: [{number: 5432, name: pg}]\n  resolution: STATIC\n  endpoints:\n  - address: db.local #<\n".into(), "resolution STATIC needs IP"),
         ("resolution none", "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db}\nspec: #<\n  hosts: [db.test]\n  ports: [{number: 5432, name: pg}]\n".into(), "must be STATIC or DNS"),
-        ("uppercase header match", vs("  - match:\n    - headers:\n        X-Env: {exact: a} #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "must be lower-case"),
         ("two kinds of string match", vs("  - match:\n    - uri: {exact: /a, prefix: /b} #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "only one of `exact`, `prefix` or `regex`"),
         ("query prefix", vs("  - match:\n    - queryParams:\n        a:\n          prefix: x #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY, "`prefix` is not supported for queryParams"),
         ("redirect code", vs("  - redirect:\n      redirectCode: 200 #<\n") + ENTRY, "redirectCode 200 is not a redirect"),
@@ -162,6 +161,26 @@ fn a_valid_config_prints_a_summary_and_exits_0() -> anyhow::Result<()> {
     assert_eq!(output.status.code(), Some(0), "{stdout}");
     assert!(
         stdout.starts_with("OK: 1 file(s), 0 warning(s); 1 listener(s) on port(s) 8080"),
+        "{stdout}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_header_match_in_upper_case_loads_with_a_warning() -> anyhow::Result<()> {
+    // Istio accepts it and Envoy matches names case-insensitively; routing.rs shows it matching.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("upper.yaml");
+    let yaml = vs("  - match:\n    - headers:\n        X-Env: {exact: a} #<\n    route: [{destination: {host: svc.test}}]\n") + ENTRY;
+    std::fs::write(&path, &yaml)?;
+    let output = validate(&[&path])?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let expected = format!("{}:{}:", path.display(), expected_line(&yaml));
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&expected)
+            && l.contains("warning: ")
+            && l.contains("header name `X-Env` is matched as `x-env`")),
         "{stdout}"
     );
     Ok(())

@@ -2068,8 +2068,11 @@ impl Validator<'_> {
             path: p.into(),
         };
         let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()];
-        // Istio reads a header regex of `*` (not valid RE2) as "any value": presence.
-        let any_value = allow_presence && !is_query && sm.regex.as_deref() == Some("*");
+        // Istio reads a header or query regex of `*` (not valid RE2), and an empty prefix, as
+        // "any value": presence (which matters for `withoutHeaders` of an absent header).
+        let any_value = allow_presence
+            && (sm.regex.as_deref() == Some("*")
+                || (!is_query && sm.prefix.as_deref() == Some("")));
         match set.iter().filter(|b| **b).count() {
             0 if allow_presence => return Some(StrMatch::Present),
             1 if any_value => return Some(StrMatch::Present),
@@ -2117,17 +2120,22 @@ impl Validator<'_> {
         origin: &Origin,
         name: &str,
         path: &str,
-        require_lowercase: bool,
+        warn_uppercase: bool,
     ) -> Option<HeaderName> {
-        if require_lowercase && name.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.error(
+        // Istio accepts any case and Envoy matches names case-insensitively (`HeaderName` lowers
+        // them too); the reference writes them in lower case, so a match in another case is
+        // likely a copy from elsewhere and worth a word.
+        if warn_uppercase && name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.warning(
                 At {
                     origin,
                     path: path.into(),
                 },
-                format!("header name `{name}` must be lower-case (Istio matches lower-case names)"),
+                format!(
+                    "header name `{name}` is matched as `{}`: header names are case-insensitive",
+                    name.to_ascii_lowercase()
+                ),
             );
-            return None;
         }
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(h) => Some(h),

@@ -95,7 +95,14 @@ impl RouteMatch {
         if !self.headers.iter().all(header_hit) {
             return false;
         }
-        if self.without_headers.iter().any(header_hit) {
+        // Istio has Envoy treat an absent header as empty here: `{exact: ""}` or a regex that
+        // matches "" excludes a request without the header (a presence match does not).
+        let excluded =
+            |(name, m): &(http::HeaderName, StrMatch)| match header_value(req.headers, name) {
+                Some(value) => m.matches(&value),
+                None => !matches!(m, StrMatch::Present) && m.matches(""),
+            };
+        if self.without_headers.iter().any(excluded) {
             return false;
         }
         self.query_params
