@@ -321,6 +321,13 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
     directResponse: {status: 410}
   - match: [{uri: {prefix: /bytes}}]
     directResponse: {status: 200, body: {bytes: dGhlIHF1aWNrIGJyb3duIGZveA==}}
+  - match: [{uri: {prefix: /binary}}]
+    directResponse:
+      status: 200
+      body:
+        bytes: |
+          /wD+
+          AQ
 ";
     yaml += &virtual_service("actions", &["act.test"], http);
     let _gw = TestGateway::start(&yaml, &[port])?;
@@ -370,6 +377,15 @@ async fn redirects_rewrites_and_direct_responses() -> anyhow::Result<()> {
         Some("the quick brown fox"),
         "body.bytes is base64"
     );
+    // Not UTF-8, over two lines of a YAML block, the last group unpadded: as protojson reads it.
+    let binary = client()
+        .get(format!("http://127.0.0.1:{port}/binary"))
+        .header("host", "act.test")
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    assert_eq!(&binary[..], &[0xff, 0x00, 0xfe, 0x01]);
     let r = get(port, "act.test", "/gone").await?;
     assert_eq!((r.status, r.body.as_str()), (410, Some("")));
     assert_eq!(r.headers.get("content-type"), None);

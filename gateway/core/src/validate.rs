@@ -2068,11 +2068,9 @@ impl Validator<'_> {
             path: p.into(),
         };
         let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()];
-        // Istio reads a header or query regex of `*` (not valid RE2), and an empty prefix, as
-        // "any value": presence (which matters for `withoutHeaders` of an absent header).
-        let any_value = allow_presence
-            && (sm.regex.as_deref() == Some("*")
-                || (!is_query && sm.prefix.as_deref() == Some("")));
+        // Istio's route translation reads a regex of `*` (not valid RE2) as "any value":
+        // presence. (Its validation accepts it under `withoutHeaders` only; Sluice is lenient.)
+        let any_value = allow_presence && sm.regex.as_deref() == Some("*");
         match set.iter().filter(|b| **b).count() {
             0 if allow_presence => return Some(StrMatch::Present),
             1 if any_value => return Some(StrMatch::Present),
@@ -2879,11 +2877,18 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 fn base64_bytes(encoded: &str) -> Option<Vec<u8>> {
     use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
     use base64::{alphabet, Engine};
-    let config =
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    // Go's decoder, which protojson uses, skips line breaks (a YAML block scalar has them) and
+    // does not insist that unused trailing bits are zero.
+    let joined: String = encoded
+        .chars()
+        .filter(|c| !matches!(c, '\r' | '\n'))
+        .collect();
+    let config = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
     [alphabet::STANDARD, alphabet::URL_SAFE]
         .iter()
-        .find_map(|alphabet| GeneralPurpose::new(alphabet, config).decode(encoded).ok())
+        .find_map(|alphabet| GeneralPurpose::new(alphabet, config).decode(&joined).ok())
 }
 
 #[cfg(test)]

@@ -100,6 +100,8 @@ impl RouteMatch {
         let excluded =
             |(name, m): &(http::HeaderName, StrMatch)| match header_value(req.headers, name) {
                 Some(value) => m.matches(&value),
+                // Present but not UTF-8: only a presence match matches it.
+                None if req.headers.contains_key(name) => matches!(m, StrMatch::Present),
                 None => !matches!(m, StrMatch::Present) && m.matches(""),
             };
         if self.without_headers.iter().any(excluded) {
@@ -330,7 +332,7 @@ mod tests {
             ..scheme_only.clone()
         };
         assert_eq!(
-            redirect_location(&from_request, &req(&h, "a.com", "/p", None)),
+            redirect_location(&from_request, &req(&h, "a.com:9999", "/p", None)),
             "https://a.com:8080/p"
         );
         let with_port = Redirect {
