@@ -408,11 +408,13 @@ async fn a_lone_destinations_header_rules_run_after_the_routes_and_weighted_ones
         "
   - match: [{{uri: {{prefix: /lone}}}}]
     headers:
-      request: {{set: {{x-both: route}}, remove: [x-dest]}}
-      response: {{set: {{x-both: route}}, remove: [x-dest]}}
+      request: {{set: {{x-both: route, x-route: route}}, remove: [x-dest]}}
+      response: {{set: {{x-both: route, x-route: route}}, remove: [x-dest]}}
     route:
     - destination: {{host: app.svc}}
-      {rules}
+      headers:
+        request: {{set: {{x-both: dest, x-dest: dest}}, remove: [x-route]}}
+        response: {{set: {{x-both: dest, x-dest: dest}}, remove: [x-route]}}
   - headers:
       request: {{set: {{x-both: route}}, remove: [x-dest]}}
       response: {{set: {{x-both: route}}, remove: [x-dest]}}
@@ -427,6 +429,10 @@ async fn a_lone_destinations_header_rules_run_after_the_routes_and_weighted_ones
     );
     yaml += &virtual_service("order", &["order.test"], &http);
     let _gw = TestGateway::start(&yaml, &[port])?;
+    // Removals first: the lone destination's does not undo the route's value.
+    let r = get(port, "order.test", "/lone").await?;
+    assert_eq!(r.request_header("x-route"), Some("route"));
+    assert_eq!(r.headers["x-route"], "route");
     for (path, both, dest) in [
         ("/lone", "dest", Some("dest")),
         ("/weighted", "route", None),
@@ -858,7 +864,33 @@ async fn hop_by_hop_fields_stop_at_the_gateway_and_connection_options_are_checke
         assert_eq!(status, "HTTP/1.1 400 Bad Request", "{fields}");
         assert_eq!(String::from_utf8_lossy(&body), reason, "{fields}");
     }
-    // What a client caused is in the access log, not the error log.
+    // A refusal carries the request id, as every answer of Sluice's own.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(head("GET", "Connection: Host\r\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer),
+    )
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("\r\nx-request-id: "),
+        "{answer}"
+    );
+    // What a client caused is counted (and access-logged), not in the error log.
+    let metrics = gw.metrics().await?;
+    let refused: f64 = samples(&metrics)
+        .iter()
+        .filter(|(name, labels, _)| {
+            name == "istio_requests_total"
+                && labels.get("response_code").map(String::as_str) == Some("400")
+        })
+        .map(|(_, _, value)| value)
+        .sum();
+    assert_eq!(refused, 8.0, "{metrics}");
     let log = gw.log();
     assert!(!log.contains("ERROR"), "{log}");
     Ok(())
